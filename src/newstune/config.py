@@ -1,0 +1,206 @@
+"""One typed config for a run: YAML in, validated, overridable with `key=value`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from newstune.errors import NewstuneError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CleanConfig(_Section):
+    """Text cleaning applied to every split before tokenization."""
+
+    ag_artifacts: bool = Field(True, description="Fix AG News '#39;', 'quot;', backslash escapes.")
+    html: bool = Field(True, description="Strip HTML tags and unescape entities.")
+    punctuation: bool = Field(False, description="Normalise curly quotes, dashes, repeated punctuation.")
+    lowercase: bool = Field(False, description="Lowercase all text (pointless for cased models' uncased twins).")
+
+
+class AugmentConfig(_Section):
+    """Training-set augmentation. Augmented rows never reach validation or test."""
+
+    eda: bool = Field(False, description="Easy Data Augmentation (Wei & Zou 2019).")
+    eda_copies: int = Field(1, ge=1, le=16, description="Augmented copies per training example.")
+    synonym_rate: float = Field(0.1, ge=0, le=1, description="Fraction of words replaced by WordNet synonyms.")
+    insert_rate: float = Field(0.1, ge=0, le=1, description="Fraction of words inserted (synonyms of others).")
+    swap_rate: float = Field(0.1, ge=0, le=1, description="Fraction of word pairs swapped.")
+    delete_rate: float = Field(0.1, ge=0, le=1, description="Probability each word is deleted.")
+    synthetic_file: Path | None = Field(None, description="JSONL of generated rows (newstune generate).")
+
+
+class DataConfig(_Section):
+    """Which dataset, where it lives, how text is built and split."""
+
+    name: Literal["ag_news", "liar", "huffpost", "files"] = Field(description="Dataset loader.")
+    dir: Path | None = Field(
+        None, description="Folder with the dataset files; else $NEWSTUNE_DATA/<name>; else the HF hub."
+    )
+    train_file: Path | None = Field(None, description="files: training file (CSV/TSV/JSONL, maybe .gz).")
+    valid_file: Path | None = Field(None, description="files: validation file; else split from train.")
+    test_file: Path | None = Field(None, description="files: test file; else split from train.")
+    text_columns: list[str] = Field(default_factory=lambda: ["text"], description="files: text columns.")
+    text_template: str | None = Field(None, description="files: e.g. '{title}. {body}'; default joins with ' '.")
+    label_column: str = Field("label", description="files: label column (strings or integers).")
+    label_names: list[str] | None = Field(None, description="Fix the label order (else sorted from train).")
+    labels: Literal["six", "binary"] = Field("binary", description="liar: six-way or fake/true.")
+    metadata_fields: list[str] = Field(
+        default_factory=lambda: ["speaker", "job", "state", "party", "subject", "context"],
+        description="liar: metadata written into the text.",
+    )
+    credit_history: bool = Field(False, description="liar: add credit counts (leaks the label; run marked leaky).")
+    merge_categories: bool = Field(False, description="huffpost: merge near-duplicate categories.")
+    min_class_count: int = Field(0, ge=0, description="Drop classes with fewer training rows than this.")
+    valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of train held out when no valid split.")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of train held out when no test split.")
+    max_train_rows: int | None = Field(None, ge=1, description="Stratified subset of train (quick runs).")
+    max_eval_rows: int | None = Field(None, ge=1, description="Stratified subset of validation and test.")
+    drop_empty: bool = Field(False, description="Drop rows with empty text instead of failing.")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _files_need_train(self) -> DataConfig:
+        if self.name == "files" and self.train_file is None:
+            raise ValueError("data.name 'files' needs data.train_file")
+        return self
+
+
+class LoraSettings(_Section):
+    """Parameter-efficient fine-tuning; method 'full' trains every weight."""
+
+    method: Literal["lora", "full"] = Field("lora", description="'lora' adapters or 'full' fine-tuning.")
+    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names, or shorthand 'qv'/'qkv'/'all'; default by architecture."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class ModelSettings(_Section):
+    name: str = Field(description="Hub id, local folder, or alias: minilm, mpnet.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+
+class TrainSettings(_Section):
+    epochs: float = Field(3, gt=0, description="Epochs (fractions allowed for quick runs).")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the head; default lr.")
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    class_weights: Literal["none", "auto"] | list[float] = Field(
+        "none", description="'auto' = inverse train frequency, or one weight per class."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    bf16_frozen_weights: bool = Field(
+        True, description="LoRA + bf16: hold frozen base weights in bf16 once instead of re-casting each step."
+    )
+    group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
+    eval_every_epoch: bool = True
+    metric: Literal["accuracy", "macro_f1", "loss"] = Field("macro_f1", description="Model selection metric.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Evaluations without improvement.")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint mid-epoch.")
+    seed: int = 42
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default physical cores.")
+    compile: bool = Field(False, description="torch.compile the model (inductor).")
+    num_workers: int = Field(0, ge=0)
+    log_every_steps: int = Field(20, ge=1)
+
+
+class EvalSettings(_Section):
+    tune_threshold: bool = Field(True, description="Binary tasks: tune the decision threshold on validation.")
+    latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
+
+
+class RunConfig(_Section):
+    """Everything a run needs; saved as config.yaml in the run directory."""
+
+    name: str | None = Field(None, description="Run name; default recipe name + timestamp.")
+    output_dir: Path = Field(Path("runs"), description="Parent folder of run directories.")
+    data: DataConfig
+    model: ModelSettings
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{where}' (check spelling; see recipes/ for valid keys)"
+    if first["type"] == "missing":
+        return f"{source}: missing config key '{where}'"
+    return f"{source}: bad value for '{where}': {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.epochs=2' -> (['train', 'epochs'], 2); values are parsed as YAML."""
+    if "=" not in item:
+        raise NewstuneError(f"override '{item}' is not key=value (e.g. train.epochs=2)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NewstuneError(f"override '{item}': '{part}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise NewstuneError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise NewstuneError(f"config file not found: {path} "
+                            "(pass a YAML recipe, e.g. recipes/ag_news/minilm_lora.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise NewstuneError(f"{path}: not valid YAML ({err.__class__.__name__}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise NewstuneError(f"{path}: expected a mapping of config sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    raw.setdefault("name", None)
+    config = validate(raw, str(path))
+    if config.name is None:
+        config.name = path.stem if path.parent.name in ("", ".") else f"{path.parent.name}_{path.stem}"
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,121 @@
+"""Tokenize once (cached on disk), then batch with dynamic padding and length grouping."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{identity}".encode()).hexdigest()[:16]
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache: Path | None = None) -> list[list[int]]:
+    """Token ids per text, truncated to max_length; cached under `cache` keyed by tokenizer, texts and length."""
+    digest = hashlib.sha256()
+    digest.update(f"{tokenizer_fingerprint(tokenizer)}|{max_length}|".encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\x00")
+    path = cache / f"{digest.hexdigest()[:24]}.pt" if cache is not None else None
+    if path is not None and path.is_file():
+        return torch.load(path)
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(ids, tmp)
+        tmp.replace(path)
+    return ids
+
+
+class EncodedDataset(Dataset):
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | None = None) -> None:
+        self.input_ids = input_ids
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"input_ids": self.input_ids[index]}
+        if self.labels is not None:
+            item["labels"] = self.labels[index]
+        return item
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+class Collator:
+    """Pads to the longest text in the batch (rounded up to `multiple`)."""
+
+    def __init__(self, pad_token_id: int, multiple: int = 8) -> None:
+        self.pad_token_id = pad_token_id
+        self.multiple = multiple
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        width = -(-longest // self.multiple) * self.multiple
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.tensor(item["input_ids"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "labels" in items[0]:
+            batch["labels"] = torch.tensor([item["labels"] for item in items])
+        return batch
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar-length texts: shuffle, sort within mega-batches, shuffle the batches.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
+                 mega_batch_factor: int = 50, drop_last: bool = False) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.mega_batch = batch_size * mega_batch_factor
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.group_by_length:
+            mega = [order[i:i + self.mega_batch] for i in range(0, len(order), self.mega_batch)]
+            order = [i for chunk in mega for i in sorted(chunk, key=lambda j: -self.lengths[j])]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.group_by_length:
+            rng.shuffle(batches)
+        yield from batches
+
+
+def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Inference batches, longest first: least padding, and the first batch shows the peak memory."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

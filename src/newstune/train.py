@@ -1,0 +1,465 @@
+"""The training loop, on HF Accelerate: setup, loop, evaluate, checkpoint, in that order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from newstune.config import RunConfig
+from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
+from newstune.data.registry import DatasetBundle, load_dataset
+from newstune.errors import NewstuneError
+from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
+from newstune.model import (
+    build_model,
+    cache_dir,
+    count_parameters,
+    directory_size_bytes,
+    hold_frozen_in,
+    median_latency_ms,
+    predict_logits,
+    save_model,
+)
+from newstune.run import MODEL_DIR, new_run_dir, read_config, read_labels, write_metrics, write_run_header
+
+log = logging.getLogger("newstune")
+CHECKPOINT = "checkpoints/last.pt"
+BEST_WEIGHTS = "checkpoints/best_trainable.pt"
+
+
+# ---------------------------------------------------------------- precision and threads
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """auto: bf16 where the hardware runs it natively, fp16 (with loss scaling) on older CUDA, else fp32."""
+    if device == "cuda":
+        native_bf16 = torch.cuda.get_device_capability()[0] >= 8
+        if requested == "auto":
+            return "bf16" if native_bf16 else "fp16"
+        return requested
+    if requested == "fp16":
+        raise NewstuneError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "bf16" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (avx512_bf16/AMX): bf16 will be emulated and slow", stacklevel=2)
+    return requested
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def set_threads(requested: int | None, num_processes: int) -> int:
+    threads = requested or max(1, physical_cores() // num_processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- state that survives a resume
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    evals_without_improvement: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
+    tokens: int = 0
+    padded_tokens: int = 0
+    samples: int = 0
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """setup() builds data, model, optimizer; fit() trains with per-epoch evaluation; finish() writes the run."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.resume = resume
+        self.state = TrainState()
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self, bundle: DatasetBundle | None = None) -> None:
+        cfg = self.config.train
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = resolve_precision(cfg.precision, device)
+        self.accelerator = Accelerator(mixed_precision="no" if self.precision == "fp32" else self.precision,
+                                       cpu=device == "cpu", gradient_accumulation_steps=cfg.grad_accum)
+        self.device = self.accelerator.device.type
+        self.threads = set_threads(cfg.threads, self.accelerator.num_processes)
+        set_seed(cfg.seed)
+        self.bundle = bundle or load_dataset(self.config.data, cfg.seed)
+        self.label_names = self.bundle.label_names
+        loaded = build_model(self.config.model, self.config.lora, self.label_names)
+        self.model, self.tokenizer, self.model_type = loaded.model, loaded.tokenizer, loaded.model_type
+        self.parameters = count_parameters(self.model)
+        self.frozen_dtype = "fp32"
+        if self.config.lora.method == "lora" and self.precision == "bf16" and cfg.bf16_frozen_weights:
+            hold_frozen_in(self.model, torch.bfloat16)
+            self.frozen_dtype = "bf16"
+        self.encoded = {split: tokenize_texts(self.tokenizer, part.texts, self.config.data.max_length,
+                                              cache_dir() / "tokens") for split, part in self.bundle.splits.items()}
+        self.train_loader, self.sampler = self._train_loader()
+        self.optimizer = self._optimizer()
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
+        self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, int(cfg.warmup_ratio * self.total_steps),
+                                       self.total_steps)
+        self.loss_fn = torch.nn.CrossEntropyLoss(weight=self._class_weights())
+        if cfg.compile:
+            self.model = torch.compile(self.model, dynamic=True)
+        self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.train_loader, self.scheduler)
+        self.loss_fn.to(self.accelerator.device)
+        if self.resume:
+            self._load_checkpoint()
+
+    def _train_loader(self) -> tuple[DataLoader, LengthGroupedBatchSampler]:
+        cfg = self.config.train
+        train = EncodedDataset(self.encoded["train"], self.bundle.splits["train"].labels)
+        sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        loader = DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
+                            num_workers=cfg.num_workers)
+        return loader, sampler
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config.train
+        head_names = ("classifier", "score", "pre_classifier", "pooler")
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_head = any(f"{h}." in name for h in head_names) and "lora_" not in name
+            lr = cfg.head_lr if (is_head and cfg.head_lr) else cfg.lr
+            decay = 0.0 if (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name) else cfg.weight_decay
+            groups.setdefault((lr, decay), []).append(param)
+        return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()],
+                                 lr=cfg.lr, fused=False)
+
+    def _class_weights(self) -> torch.Tensor | None:
+        weights = self.config.train.class_weights
+        if weights == "none":
+            return None
+        n_classes = len(self.label_names)
+        if weights == "auto":
+            counts = np.bincount(self.bundle.splits["train"].labels, minlength=n_classes).astype(float)
+            weights = (counts.sum() / (n_classes * np.maximum(counts, 1))).tolist()
+        if len(weights) != n_classes:
+            raise NewstuneError(f"train.class_weights has {len(weights)} values but the data has {n_classes} "
+                                f"classes {self.label_names}")
+        return torch.tensor(weights, dtype=torch.float32)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        path = self.run_dir / CHECKPOINT
+        payload = {"trainable": trainable_state(self.accelerator.unwrap_model(self.model)),
+                   "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "rng": rng_states(), "state": self.state.__dict__}
+        if self.accelerator.scaler is not None:
+            payload["scaler"] = self.accelerator.scaler.state_dict()
+        torch.save(payload, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    def _load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise NewstuneError(f"{self.run_dir} has no checkpoint to resume from ({CHECKPOINT})")
+        payload = torch.load(path, weights_only=False)
+        self.accelerator.unwrap_model(self.model).load_state_dict(payload["trainable"], strict=False)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if "scaler" in payload and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(payload["scaler"])
+        restore_rng(payload["rng"])
+        self.state = TrainState(**payload["state"])
+        log.info("resumed at epoch %d, step %d", self.state.epoch, self.state.global_step)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate_split(self, split: str, threshold: float | None = None) -> tuple[dict, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        logits = predict_logits(model, self.encoded[split], self.tokenizer.pad_token_id,
+                                self.config.train.eval_batch_size, self.precision, self.device)
+        labels = np.asarray(self.bundle.splits[split].labels)
+        return classification_metrics(labels, logits.numpy(), self.label_names, threshold), logits
+
+    def _evaluate_epoch(self, epoch: int) -> bool:
+        """Validation metrics after an epoch; keeps the best weights; returns True when training should stop."""
+        cfg = self.config.train
+        if self.accelerator.is_main_process:
+            metrics, _ = self.evaluate_split("validation")
+            record = {"kind": "eval", "epoch": epoch, "step": self.state.global_step,
+                      **{k: metrics[k] for k in ("accuracy", "macro_f1", "loss")}}
+            self._log(record)
+            score = -metrics["loss"] if cfg.metric == "loss" else metrics[cfg.metric]
+            if self.state.best_metric is None or score > self.state.best_metric:
+                self.state.best_metric, self.state.best_epoch = score, epoch
+                self.state.evals_without_improvement = 0
+                torch.save(trainable_state(self.accelerator.unwrap_model(self.model)), self.run_dir / BEST_WEIGHTS)
+            else:
+                self.state.evals_without_improvement += 1
+            patience = cfg.early_stopping_patience
+            if patience is not None and self.state.evals_without_improvement >= patience:
+                log.info("early stopping: %s has not improved for %d evaluation(s)", cfg.metric, patience)
+                self.accelerator.set_trigger()
+        self.accelerator.wait_for_everyone()
+        return self.accelerator.check_trigger()
+
+    # ------------------------------------------------------------ training
+
+    def _log(self, record: dict) -> None:
+        self.state.history.append(record)
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = "train" if record["kind"] == "train" else "validation"
+            for key, value in record.items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def fit(self, stop_after_steps: int | None = None) -> bool:
+        """Train to the end (True) or until stop_after_steps, leaving a resumable checkpoint (False)."""
+        cfg = self.config.train
+        self.writer = None
+        if self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
+                   disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        n_epochs = math.ceil(cfg.epochs)
+        finished = True
+        while self.state.epoch < n_epochs and self.state.global_step < self.total_steps:
+            if not self._train_epoch(bar, stop_after_steps):
+                finished = False
+                break
+            stop = cfg.eval_every_epoch and self._evaluate_epoch(self.state.epoch)
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+            self._save_checkpoint()
+            if stop:
+                break
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return finished
+
+    def _train_epoch(self, bar: tqdm, stop_after_steps: int | None) -> bool:
+        cfg = self.config.train
+        self.model.train()
+        self.sampler.set_epoch(self.state.epoch)
+        loader = self.train_loader
+        skip = self.state.step_in_epoch * cfg.grad_accum
+        if skip:
+            loader = self.accelerator.skip_first_batches(loader, skip)
+        start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        for batch in loader:
+            with self.accelerator.accumulate(self.model):
+                labels = batch.pop("labels")
+                logits = self.model(**batch).logits
+                loss = self.loss_fn(logits.float(), labels)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.state.tokens += int(batch["attention_mask"].sum())
+            self.state.padded_tokens += int(batch["attention_mask"].numel())
+            self.state.samples += len(labels)
+            window_loss += loss.item()
+            window_steps += 1
+            if not self.accelerator.sync_gradients:
+                continue
+            self.state.global_step += 1
+            self.state.step_in_epoch += 1
+            bar.update(1)
+            if self.state.global_step % cfg.log_every_steps == 0 or self.state.global_step == self.total_steps:
+                record = {"kind": "train", "epoch": self.state.epoch, "step": self.state.global_step,
+                          "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0]}
+                if self.accelerator.is_main_process:
+                    self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                window_loss, window_steps = 0.0, 0
+            if cfg.checkpoint_every_steps and self.state.global_step % cfg.checkpoint_every_steps == 0:
+                self._add_time(start)
+                start = time.perf_counter()
+                self._save_checkpoint()
+            if stop_after_steps is not None and self.state.global_step >= stop_after_steps:
+                self._add_time(start)
+                self._save_checkpoint()
+                return False
+            if self.state.global_step >= self.total_steps:
+                break
+        self.state.epoch_seconds.append(self._add_time(start))
+        return True
+
+    def _add_time(self, start: float) -> float:
+        elapsed = time.perf_counter() - start
+        self.state.train_seconds += elapsed
+        return elapsed
+
+    # ------------------------------------------------------------ the finished run
+
+    def finish(self) -> dict:
+        """Best weights back in, threshold tuned on validation, test evaluated once, everything written."""
+        if not self.accelerator.is_main_process:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        if (self.run_dir / BEST_WEIGHTS).is_file():
+            model.load_state_dict(torch.load(self.run_dir / BEST_WEIGHTS), strict=False)
+        validation, val_logits = self.evaluate_split("validation")
+        threshold = None
+        if len(self.label_names) == 2 and self.config.eval.tune_threshold:
+            threshold, _ = tune_threshold(np.asarray(self.bundle.splits["validation"].labels), val_logits.numpy())
+            validation, _ = self.evaluate_split("validation", threshold)
+        start = time.perf_counter()
+        test, _ = self.evaluate_split("test", threshold)
+        eval_seconds = time.perf_counter() - start
+        save_model(model, self.tokenizer, self.run_dir / MODEL_DIR)
+        metrics = {"validation": validation, "test": test, "threshold": threshold,
+                   "efficiency": self._efficiency(model, eval_seconds), "data": self._data_info(),
+                   "best_epoch": self.state.best_epoch, "leaky": bool(self.bundle.info.get("leaky", False))}
+        write_metrics(self.run_dir, metrics)
+        plot_confusion(test["confusion_matrix"], self.label_names, self.run_dir / "confusion_test.png",
+                       f"{self.config.name}: test")
+        plot_training_curves(self.state.history, self.run_dir / "training_curves.png", self.config.name)
+        return metrics
+
+    def _data_info(self) -> dict:
+        train = self.bundle.splits["train"]
+        origins = {origin: train.origins.count(origin) for origin in sorted(set(train.origins))}
+        return {**self.bundle.info, "train_origins": origins}
+
+    def _efficiency(self, model: torch.nn.Module, eval_seconds: float) -> dict:
+        s = self.state
+        n_test = len(self.encoded["test"])
+        figures = {
+            "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
+            "threads": self.threads, "num_processes": self.accelerator.num_processes,
+            "epochs_run": len(s.epoch_seconds), "optimizer_steps": s.global_step,
+            "train_seconds": s.train_seconds,
+            "epoch_seconds_mean": float(np.mean(s.epoch_seconds)) if s.epoch_seconds else s.train_seconds,
+            "train_samples_per_s": s.samples * self.accelerator.num_processes / max(s.train_seconds, 1e-9),
+            "train_tokens_per_s": s.tokens * self.accelerator.num_processes / max(s.train_seconds, 1e-9),
+            "padding_fraction": 1 - s.tokens / max(s.padded_tokens, 1),
+            "eval_samples_per_s": n_test / max(eval_seconds, 1e-9),
+            "peak_rss_mb": peak_rss_mb(),
+            "trainable_params": self.parameters["trainable"], "total_params": self.parameters["total"],
+            "saved_model_mb": directory_size_bytes(self.run_dir / MODEL_DIR) / 2**20,
+            "latency_ms_median": median_latency_ms(model, self.encoded["test"][:50], self.tokenizer.pad_token_id,
+                                                   self.precision, self.device, self.config.eval.latency_samples),
+        }
+        if self.device == "cuda":
+            figures["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return figures
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+def train(config: RunConfig, output_dir: Path | None = None, stop_after_steps: int | None = None,
+          bundle: DatasetBundle | None = None) -> tuple[Path, dict]:
+    """A new run: returns its directory and metrics (empty when stopped early by stop_after_steps)."""
+    run_dir = _shared_run_dir(config, output_dir)
+    trainer = Trainer(config, run_dir)
+    trainer.setup(bundle)
+    if trainer.accelerator.is_main_process:
+        write_run_header(run_dir, config, trainer.label_names)
+        setup_logging(run_dir)
+    finished = trainer.fit(stop_after_steps)
+    return run_dir, trainer.finish() if finished else {}
+
+
+def resume(run_dir: Path, stop_after_steps: int | None = None) -> tuple[Path, dict]:
+    config = read_config(run_dir)
+    if (run_dir / "metrics.json").is_file():
+        raise NewstuneError(f"{run_dir} already finished (metrics.json exists); nothing to resume")
+    trainer = Trainer(config, run_dir, resume=True)
+    trainer.setup()
+    if trainer.label_names != read_labels(run_dir):
+        raise NewstuneError(f"{run_dir}: the data's labels changed since the run started; cannot resume")
+    setup_logging(run_dir)
+    finished = trainer.fit(stop_after_steps)
+    return run_dir, trainer.finish() if finished else {}
+
+
+def _shared_run_dir(config: RunConfig, output_dir: Path | None) -> Path:
+    """All processes of a multi-process launch agree on one folder: the main one creates it and tells the rest."""
+    state = PartialState()
+    names = [str(new_run_dir(config, output_dir)) if state.is_main_process else ""]
+    if state.num_processes > 1:
+        broadcast_object_list(names)
+    return Path(names[0])
