@@ -121,7 +121,7 @@ def main() -> None:
     try:
         app()
     except NewstuneError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        typer.echo(f"error: {err}", err=True)
         sys.exit(2)
 
 

@@ -96,7 +96,8 @@ class LoraSettings(_Section):
 
 class ModelSettings(_Section):
     name: str = Field(description="Hub id, local folder, or alias: minilm, mpnet.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel; auto = SDPA where the architecture has it (not MPNet), else eager.")
 
 
 class TrainSettings(_Section):

@@ -161,14 +161,18 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
         raise NewstuneError(f"cannot load a tokenizer from '{path}': {str(err).splitlines()[0][:200]}") from None
 
 
+def attention(setting: str) -> str | None:
+    return None if setting == "auto" else setting
+
+
 def load_base(model_settings: ModelSettings, label_names: list[str]) -> tuple[PreTrainedModel, list[str], str]:
     path = resolve_model_path(model_settings.name)
     try:
         AutoConfig.from_pretrained(path)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)}, attn_implementation=model_settings.attn_implementation,
-            output_loading_info=True,
+            label2id={n: i for i, n in enumerate(label_names)}, output_loading_info=True,
+            attn_implementation=attention(model_settings.attn_implementation),
         )
     except (OSError, ValueError) as err:
         raise NewstuneError(f"cannot load model '{model_settings.name}': {str(err).splitlines()[0][:200]} "
@@ -229,13 +233,14 @@ def directory_size_bytes(folder: Path) -> int:
 
 
 def load_saved_model(folder: Path, base_name: str, num_labels: int,
-                     attn_implementation: str = "sdpa") -> PeftModel | PreTrainedModel:
+                     attn_implementation: str = "auto") -> PeftModel | PreTrainedModel:
     """The model saved by save_model: a LoRA adapter (+ head) over the base weights, or a full model."""
     if (folder / "adapter_config.json").is_file():
         base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(base_name), num_labels=num_labels, attn_implementation=attn_implementation)
+            resolve_model_path(base_name), num_labels=num_labels, attn_implementation=attention(attn_implementation))
         return PeftModel.from_pretrained(base, folder)
-    return AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation=attn_implementation)
+    return AutoModelForSequenceClassification.from_pretrained(folder,
+                                                              attn_implementation=attention(attn_implementation))
 
 
 def merge_lora(model: torch.nn.Module) -> PreTrainedModel:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -138,6 +139,7 @@ class Trainer:
         self.run_dir = run_dir
         self.resume = resume
         self.state = TrainState()
+        self.pending_rng: dict | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -145,6 +147,8 @@ class Trainer:
         cfg = self.config.train
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = resolve_precision(cfg.precision, device)
+        # One process may train several runs (compare, sweep, tests) with different precisions.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision="no" if self.precision == "fp32" else self.precision,
                                        cpu=device == "cpu", gradient_accumulation_steps=cfg.grad_accum)
         self.device = self.accelerator.device.type
@@ -235,8 +239,11 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         if "scaler" in payload and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(payload["scaler"])
-        restore_rng(payload["rng"])
         self.state = TrainState(**payload["state"])
+        # Creating a DataLoader iterator draws from the torch RNG: mid-epoch, restore after that draw.
+        self.pending_rng = payload["rng"] if self.state.step_in_epoch else None
+        if self.pending_rng is None:
+            restore_rng(payload["rng"])
         log.info("resumed at epoch %d, step %d", self.state.epoch, self.state.global_step)
 
     # ------------------------------------------------------------ evaluation
@@ -312,13 +319,13 @@ class Trainer:
     def _train_epoch(self, bar: tqdm, stop_after_steps: int | None) -> bool:
         cfg = self.config.train
         self.model.train()
-        self.sampler.set_epoch(self.state.epoch)
         loader = self.train_loader
         skip = self.state.step_in_epoch * cfg.grad_accum
         if skip:
             loader = self.accelerator.skip_first_batches(loader, skip)
+        loader.set_epoch(self.state.epoch)  # the batch order depends only on (seed, epoch)
         start, window_loss, window_steps = time.perf_counter(), 0.0, 0
-        for batch in loader:
+        for batch in self._batches(loader):
             with self.accelerator.accumulate(self.model):
                 labels = batch.pop("labels")
                 logits = self.model(**batch).logits
@@ -358,6 +365,17 @@ class Trainer:
                 break
         self.state.epoch_seconds.append(self._add_time(start))
         return True
+
+    def _batches(self, loader: DataLoader):
+        """The loader's batches; a mid-epoch resume restores the RNG after the loader's own first draw."""
+        batches = iter(loader)
+        first = next(batches, None)
+        if self.pending_rng is not None:
+            restore_rng(self.pending_rng)
+            self.pending_rng = None
+        if first is not None:
+            yield first
+            yield from batches
 
     def _add_time(self, start: float) -> float:
         elapsed = time.perf_counter() - start

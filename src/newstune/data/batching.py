@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,15 @@ from torch.utils.data import Dataset, Sampler
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of the vocabulary and rules; the call-time truncation/padding state is left out."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    identity = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        identity = json.dumps(spec, sort_keys=True)
+    else:
+        identity = f"{tokenizer.name_or_path}:{len(tokenizer)}"
     return hashlib.sha256(f"{type(tokenizer).__name__}|{identity}".encode()).hexdigest()[:16]
 
 

@@ -279,7 +279,7 @@ def hub_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list
 def check_texts(rows: list[tuple[str, str]], split: str, drop_empty: bool) -> list[tuple[str, str]]:
     empty = [i for i, (text, _) in enumerate(rows) if not text.strip()]
     if empty and not drop_empty:
-        raise NewstuneError(f"{split}: {len(empty)} empty text(s), first at row {empty[0] + 1} "
+        raise NewstuneError(f"{split}: {len(empty)} empty text(s), first at data row {empty[0] + 1} "
                             "(fix the data or set data.drop_empty: true)")
     return [row for row in rows if row[0].strip()]
 

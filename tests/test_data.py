@@ -1,0 +1,166 @@
+import pytest
+
+from newstune.config import CleanConfig, DataConfig
+from newstune.data.batching import Collator, LengthGroupedBatchSampler, tokenize_texts
+from newstune.data.registry import TextSplit, load_dataset, stratified_split
+from newstune.data.text import clean_text, fix_ag_artifacts, textualize_liar
+from newstune.errors import NewstuneError
+
+from .conftest import SHARED_DATA, make_tokenizer, needs_shared_data, write_csv
+
+
+def test_ag_artifacts_are_fixed():
+    raw = "Bush #39;s plan quot;works quot; \\ says \\$5 &lt;b&gt;bold&lt;/b&gt;"
+    assert fix_ag_artifacts(raw).startswith("Bush 's plan \"works \"")
+    assert clean_text(raw, CleanConfig()) == "Bush 's plan \"works \" says $5 bold"
+
+
+def test_cleaning_options():
+    text = "<p>Wow!!!  “Quoted” — Text</p>"
+    assert clean_text(text, CleanConfig(punctuation=True, lowercase=True)) == 'wow! "quoted" - text'
+    assert clean_text(text, CleanConfig(html=False)) == "<p>Wow!!! “Quoted” — Text</p>"
+
+
+def test_liar_textualization_and_credit_history():
+    row = {"statement": "Taxes went up.", "speaker": "jane-doe", "job": "", "state": "Ohio", "party": "democrat",
+           "subject": "taxes,economy", "context": "a speech", "barely_true_count": "1", "false_count": "2",
+           "half_true_count": "3", "mostly_true_count": "4", "pants_fire_count": "5"}
+    text = textualize_liar(row, ["speaker", "job", "subject"], credit_history=False)
+    assert text == "Taxes went up. Speaker: jane doe. Subject: taxes, economy."
+    assert "pants fire 5" in textualize_liar(row, [], credit_history=True)
+
+
+def test_stratified_split_keeps_every_class():
+    split = TextSplit([f"t{i}" for i in range(100)], [0] * 90 + [1] * 8 + [2] * 2)
+    kept, held = stratified_split(split, 0.1, seed=1)
+    assert len(kept) + len(held) == 100
+    assert sorted(set(held.labels)) == [0, 1, 2]
+    assert stratified_split(split, 0.1, seed=1)[1].texts == held.texts
+
+
+def files_config(tmp_path, **kw):
+    return DataConfig(name="files", dir=tmp_path, train_file="train.csv", **kw)
+
+
+def test_files_loader_splits_and_maps_labels(tmp_path):
+    write_csv(tmp_path / "train.csv", [(f"text {i}", ["b", "a"][i % 2]) for i in range(50)])
+    bundle = load_dataset(files_config(tmp_path))
+    assert bundle.label_names == ["a", "b"]
+    assert sum(bundle.info["rows"].values()) == 50
+    assert set(bundle.splits["test"].labels) == {0, 1}
+
+
+def test_files_loader_template(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"title": "T", "body": "B", "y": 3}\n{"title": "U", "body": "C", "y": 4}\n')
+    config = DataConfig(name="files", dir=tmp_path, train_file="train.jsonl", valid_file="train.jsonl",
+                        test_file="train.jsonl", text_columns=["title", "body"], text_template="{title}: {body}",
+                        label_column="y")
+    bundle = load_dataset(config)
+    assert bundle.splits["train"].texts == ["T: B", "U: C"]
+    assert bundle.label_names == ["3", "4"]
+
+
+@pytest.mark.parametrize("rows, kwargs, message", [
+    ([("x", "a")], {"label_column": "category"}, r"no column\(s\) \['category'\]"),
+    ([("x", "a"), ("  ", "b")], {}, "10 empty text.*first at data row 2"),
+])
+def test_files_loader_bad_input(tmp_path, rows, kwargs, message):
+    write_csv(tmp_path / "train.csv", rows * 10)
+    with pytest.raises(NewstuneError, match=message):
+        load_dataset(files_config(tmp_path, **kwargs))
+
+
+def test_unknown_label_in_test_file(tmp_path):
+    write_csv(tmp_path / "train.csv", [("x", "a"), ("y", "b")] * 10)
+    write_csv(tmp_path / "test.csv", [("z", "c")])
+    with pytest.raises(NewstuneError, match=r"unknown label value\(s\) \['c'\]"):
+        load_dataset(files_config(tmp_path, test_file="test.csv"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(NewstuneError, match="file not found"):
+        load_dataset(files_config(tmp_path))
+
+
+def test_standard_dataset_without_local_copy_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.delenv("NEWSTUNE_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(NewstuneError, match="no local copy .*NEWSTUNE_DATA"):
+        load_dataset(DataConfig(name="liar"))
+
+
+def test_length_grouped_sampler_is_deterministic_and_grouped():
+    lengths = [(i * 37) % 100 + 1 for i in range(400)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, mega_batch_factor=10)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert first == list(sampler)
+    assert sorted(i for batch in first for i in batch) == list(range(400))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in first) / len(first)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    plain = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, group_by_length=False)
+    plain_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain) / len(first)
+    assert spread < plain_spread / 4
+
+
+def test_collator_pads_dynamically():
+    items = [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [5], "labels": 0}]
+    batch = Collator(pad_token_id=0, multiple=8)(items)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].sum().item() == 4
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_tokenization_is_cached(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    cache = tmp_path / "cache"
+    ids = tokenize_texts(tokenizer, ["goal match", "stock market today"], 16, cache)
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert tokenize_texts(tokenizer, ["goal match", "stock market today"], 16, cache) == ids
+    tokenize_texts(tokenizer, ["goal match", "stock market today"], 4, cache)
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
+# ------------------------------------------------------------------ the real data in ../shared/data
+
+
+@needs_shared_data()
+def test_liar_counts_match_the_release():
+    bundle = load_dataset(DataConfig(name="liar", dir=SHARED_DATA / "liar", labels="six"))
+    assert bundle.info["rows"] == {"train": 10269, "validation": 1284, "test": 1283}
+    train_labels = [bundle.label_names[i] for i in bundle.splits["train"].labels]
+    assert train_labels.count("pants-fire") == 842 and train_labels.count("half-true") == 2123
+    binary = load_dataset(DataConfig(name="liar", dir=SHARED_DATA / "liar"))
+    assert binary.label_names == ["fake", "true"]
+    assert binary.splits["train"].labels.count(0) == 842 + 1998 + 1657
+
+
+@needs_shared_data()
+def test_liar_credit_history_is_marked_leaky():
+    with pytest.warns(UserWarning, match="label leakage"):
+        bundle = load_dataset(DataConfig(name="liar", dir=SHARED_DATA / "liar", credit_history=True))
+    assert bundle.info["leaky"] is True
+
+
+@needs_shared_data()
+def test_ag_news_counts_and_formats(tmp_path):
+    bundle = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news"))
+    rows = bundle.info["rows"]
+    assert rows["train"] + rows["validation"] == 18415 and rows["test"] == 7600
+    assert bundle.splits["test"].labels.count(0) == 1900
+    assert not any("#39;" in t or "quot;" in t for t in bundle.splits["test"].texts)
+    (tmp_path / "ag").mkdir()
+    (tmp_path / "ag" / "train_partial.csv.gz").symlink_to(SHARED_DATA / "ag_news" / "train_partial.csv.gz")
+    (tmp_path / "ag" / "test.csv.gz").symlink_to(SHARED_DATA / "ag_news" / "test.csv.gz")
+    original = load_dataset(DataConfig(name="ag_news", dir=tmp_path / "ag"))
+    assert original.info["rows"]["train"] + original.info["rows"]["validation"] == 10519
+
+
+@needs_shared_data()
+def test_huffpost_merge_and_split():
+    bundle = load_dataset(DataConfig(name="huffpost", dir=SHARED_DATA / "huffpost", merge_categories=True))
+    assert sum(bundle.info["rows"].values()) == 10000
+    assert "MONEY" not in bundle.label_names and "BUSINESS" in bundle.label_names
+    assert len(bundle.label_names) == 28

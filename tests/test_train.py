@@ -1,0 +1,141 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from newstune.config import validate
+from newstune.errors import NewstuneError
+from newstune.model import predict_logits
+from newstune.report import evaluate_run
+from newstune.run import load_run
+from newstune.train import resolve_precision, resume, train
+
+from .conftest import tiny_config
+
+
+def run_tiny(tiny_models, tiny_data, tmp_path, name="run", arch="bert", **overrides):
+    config = validate(tiny_config(tiny_models[arch], tiny_data, **overrides))
+    return train(config, tmp_path / name)
+
+
+def test_end_to_end_run_directory(tiny_models, tiny_data, tmp_path):
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path)
+    for name in ("config.yaml", "label_map.json", "metrics.json", "metrics.jsonl", "confusion_test.png",
+                 "training_curves.png", "train.log", "model/adapter_config.json", "model/adapter_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tensorboard").iterdir())
+    assert set(metrics) >= {"validation", "test", "efficiency", "threshold"}
+    assert metrics["test"]["accuracy"] > 0.75, "keyword topics are easy: the loop must learn them"
+    eff = metrics["efficiency"]
+    assert eff["trainable_params"] > 0 and eff["saved_model_mb"] > 0 and eff["latency_ms_median"] > 0
+    assert eff["train_tokens_per_s"] > 0 and 0 <= eff["padding_fraction"] < 1
+    assert set(metrics["test"]["per_class"]) == {"business", "science", "sports"}
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history if h["kind"] == "eval"] == [0, 1, 2, 3]
+
+
+def test_same_seed_same_losses(tiny_models, tiny_data, tmp_path):
+    _, first = run_tiny(tiny_models, tiny_data, tmp_path, "a", **{"train.epochs": 1})
+    _, second = run_tiny(tiny_models, tiny_data, tmp_path, "b", **{"train.epochs": 1})
+    assert first["validation"]["loss"] == pytest.approx(second["validation"]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "mpnet"])
+def test_other_architectures_train(tiny_models, tiny_data, tmp_path, arch):
+    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, arch=arch, **{"train.epochs": 1})
+    assert metrics["test"]["n"] == 60
+
+
+def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.precision": "bf16"})
+    loaded = load_run(run_dir)
+    ids = loaded.tokenizer(["goal match team today", "stock market profit"])["input_ids"]
+    first = predict_logits(loaded.model, ids, loaded.tokenizer.pad_token_id, precision=loaded.precision)
+    again = load_run(run_dir)
+    second = predict_logits(again.model, ids, again.tokenizer.pad_token_id, precision=again.precision)
+    assert torch.equal(first, second)
+    evaluated, _ = evaluate_run(run_dir, "test", [])
+    assert evaluated["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_full_finetuning_and_class_weights(tiny_models, tiny_data, tmp_path):
+    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"lora.method": "full", "train.lr": 1e-3,
+                                                                "train.class_weights": "auto"})
+    assert metrics["efficiency"]["trainable_params"] == metrics["efficiency"]["total_params"]
+
+
+def test_early_stopping_keeps_best(tiny_models, tiny_data, tmp_path):
+    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.epochs": 6, "train.lr": 1e-7,
+                                                                "train.early_stopping_patience": 1,
+                                                                "train.metric": "accuracy"})
+    assert metrics["efficiency"]["epochs_run"] < 6
+
+
+def test_resume_matches_uninterrupted(tiny_models, tiny_data, tmp_path):
+    _, full = run_tiny(tiny_models, tiny_data, tmp_path, "full", **{"train.checkpoint_every_steps": 4})
+    run_dir, partial = run_tiny(tiny_models, tiny_data, tmp_path, "cut", **{"train.checkpoint_every_steps": 4})
+    assert partial  # sanity: same config trains to the end
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.checkpoint_every_steps": 4}))
+    cut_dir, stopped = train(config, tmp_path / "stopped", stop_after_steps=21)
+    assert stopped == {} and not (cut_dir / "metrics.json").exists()
+    _, resumed = resume(cut_dir)
+    for split in ("validation", "test"):
+        assert resumed[split]["loss"] == pytest.approx(full[split]["loss"], abs=1e-5)
+        assert resumed[split]["accuracy"] == full[split]["accuracy"]
+
+
+def test_existing_output_dir_is_never_overwritten(tiny_models, tiny_data, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.json").write_text("{}")
+    with pytest.raises(NewstuneError, match="already exists"):
+        run_tiny(tiny_models, tiny_data, tmp_path, "taken")
+    assert (tmp_path / "taken" / "metrics.json").read_text() == "{}"
+
+
+def test_binary_threshold_is_tuned_and_stored(tiny_models, tmp_path):
+    from .conftest import synthetic_rows, write_csv
+
+    data = tmp_path / "bin"
+    data.mkdir()
+    for name, seed in (("train.csv", 1), ("valid.csv", 2), ("test.csv", 3)):
+        write_csv(data / name, [r for r in synthetic_rows(150, seed) if r[1] != "science"])
+    config = validate(tiny_config(tiny_models["bert"], data, **{"train.epochs": 1}))
+    run_dir, metrics = train(config, tmp_path / "binary")
+    assert 0.05 <= metrics["threshold"] <= 0.95
+    assert metrics["test"]["threshold"] == metrics["threshold"]
+    assert load_run(run_dir).threshold == metrics["threshold"]
+
+
+def test_precision_resolution_on_cpu():
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(NewstuneError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "newstune.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    (tmp_path / "r.yaml").write_text("data: {name: ag_news}\nmodel: {name: minilm}\ntrain: {epochz: 1}\n")
+    result = cli("train", "r.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "unknown config key 'train.epochz'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli("evaluate", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0 and "not a newstune run directory" in result.stderr
+
+
+def test_threshold_tuning_finds_the_separating_point():
+    from newstune.evaluate import classification_metrics, tune_threshold
+
+    probs_true = np.array([0.2, 0.3, 0.35, 0.4, 0.6, 0.7])
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    logits = np.log(np.stack([1 - probs_true, probs_true], axis=1))
+    threshold, f1 = tune_threshold(labels, logits)
+    assert 0.3 < threshold <= 0.35 and f1 == pytest.approx(1.0)
+    assert classification_metrics(labels, logits, ["f", "t"], threshold)["accuracy"] == 1.0
