@@ -476,7 +476,7 @@ def resume(run_dir: Path, stop_after_steps: int | None = None) -> tuple[Path, di
 
 def _shared_run_dir(config: RunConfig, output_dir: Path | None) -> Path:
     """All processes of a multi-process launch agree on one folder: the main one creates it and tells the rest."""
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     names = [str(new_run_dir(config, output_dir)) if state.is_main_process else ""]
     if state.num_processes > 1:
         broadcast_object_list(names)

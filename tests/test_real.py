@@ -1,0 +1,46 @@
+"""Real runs: the real MiniLM on real AG News, and a 2-process `accelerate launch` (marked slow; CI runs them)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from newstune.config import load_config
+
+from .conftest import SHARED_DATA, needs_shared_data, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@needs_shared_data()
+def test_minilm_lora_bf16_on_2000_ag_news_rows(tmp_path):
+    from newstune.train import train
+
+    config = load_config(ROOT / "recipes/ag_news/minilm_lora.yaml", [
+        f"data.dir={SHARED_DATA / 'ag_news'}", "data.max_train_rows=2000", "data.max_eval_rows=1000",
+        "train.epochs=1", "train.batch_size=16", "train.precision=bf16", "eval.latency_samples=5"])
+    run_dir, metrics = train(config, tmp_path / "ag")
+    assert metrics["test"]["n"] == 1000
+    assert metrics["test"]["accuracy"] >= 0.85
+    assert metrics["efficiency"]["precision"] == "bf16"
+    assert metrics["efficiency"]["trainable_params"] < 200_000
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tiny_models, tiny_data, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 8})))
+    # accelerate routes multi-process launches through torchrun only with --multi_gpu; without a GPU the
+    # processes run data-parallel on CPU with gloo (its --cpu launcher starts a single process).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "newstune.cli", "train", str(recipe), "--output-dir", str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["efficiency"]["num_processes"] == 2
+    assert metrics["test"]["accuracy"] > 0.6
