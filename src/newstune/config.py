@@ -133,6 +133,7 @@ class TrainSettings(_Section):
 class EvalSettings(_Section):
     tune_threshold: bool = Field(True, description="Binary tasks: tune the decision threshold on validation.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
+    test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
 
 
 class RunConfig(_Section):

@@ -196,7 +196,7 @@ def apply_lora(model: PreTrainedModel, model_type: str, lora: LoraSettings, head
     try:
         return get_peft_model(model, peft_config)
     except ValueError as err:
-        reason = str(err).splitlines()[0]
+        reason = str(err).splitlines()[0].split(". ")[0]
         raise NewstuneError(f"lora.target_modules {targets} do not fit {model_type}: {reason}") from None
 
 
@@ -232,12 +232,13 @@ def directory_size_bytes(folder: Path) -> int:
                and f.name not in ("vocab.txt", "special_tokens_map.json", "merges.txt", "vocab.json"))
 
 
-def load_saved_model(folder: Path, base_name: str, num_labels: int,
+def load_saved_model(folder: Path, base_name: str, label_names: list[str],
                      attn_implementation: str = "auto") -> PeftModel | PreTrainedModel:
     """The model saved by save_model: a LoRA adapter (+ head) over the base weights, or a full model."""
     if (folder / "adapter_config.json").is_file():
         base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(base_name), num_labels=num_labels, attn_implementation=attention(attn_implementation))
+            resolve_model_path(base_name), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)}, attn_implementation=attention(attn_implementation))
         return PeftModel.from_pretrained(base, folder)
     return AutoModelForSequenceClassification.from_pretrained(folder,
                                                               attn_implementation=attention(attn_implementation))

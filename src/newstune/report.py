@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,130 @@ def evaluate_run(run_dir: Path, split: str, extra_eval: list[str], data_dir: Pat
                        run.run_dir / f"confusion_extra_{name}.png", f"{run.config.name}: {name}")
     write_metrics(run.run_dir, metrics)
     return metrics, run.label_names
+
+
+# ---------------------------------------------------------------- comparing runs
+
+COLUMNS = [("run", "run"), ("dataset", "dataset"), ("model", "model"), ("method", "method"),
+           ("precision", "precision"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("recall", "recall/class"),
+           ("loss", "loss"), ("epoch_s", "epoch s"), ("samples_s", "train samples/s"), ("tokens_s", "tokens/s"),
+           ("peak_mb", "peak RSS MB"), ("trainable", "trainable params"), ("size_mb", "saved MB"),
+           ("latency_ms", "latency ms"), ("eval_s", "eval samples/s")]
+
+
+def run_row(run_dir: Path, name: str | None = None, split: str = "test") -> dict:
+    """One comparison row from a run directory (a failed run gives a row with its reason)."""
+    from newstune.run import read_config
+
+    run_dir = Path(run_dir)
+    failure = run_dir / "FAILED"
+    if failure.is_file():
+        return {"run": name or run_dir.name, "status": "failed", "reason": failure.read_text().strip()}
+    config = read_config(run_dir)
+    metrics = read_metrics(run_dir)
+    if split not in metrics:
+        return {"run": name or run_dir.name, "status": "failed", "reason": f"no {split} metrics (unfinished run?)"}
+    m, eff = metrics[split], metrics["efficiency"]
+    method = "LoRA" if config.lora.method == "lora" else "full"
+    if config.lora.method == "lora":
+        method += f" r={config.lora.r} a={config.lora.alpha:g}"
+    return {"run": name or run_dir.name, "status": "ok", "dataset": config.data.name, "model": config.model.name,
+            "method": method, "precision": eff["precision"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "recall": " ".join(f"{c['recall']:.2f}" for c in m["per_class"].values()),
+            "recall_per_class": {k: c["recall"] for k, c in m["per_class"].items()}, "loss": m["loss"],
+            "epoch_s": eff["epoch_seconds_mean"], "samples_s": eff["train_samples_per_s"],
+            "tokens_s": eff["train_tokens_per_s"], "peak_mb": eff["peak_rss_mb"], "trainable": eff["trainable_params"],
+            "size_mb": eff["saved_model_mb"], "latency_ms": eff["latency_ms_median"],
+            "eval_s": eff["eval_samples_per_s"], "history": _history(run_dir)}
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['run']} | failed: {row['reason']} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        lines.append("| " + " | ".join(_cell(row[key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], out_dir: Path, console_title: str = "comparison") -> None:
+    """comparison.md / .csv / .json and the plots; prints the table."""
+    import csv
+
+    from rich.console import Console
+    from rich.table import Table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(markdown(rows) + "\n")
+    (out_dir / "comparison.json").write_text(json.dumps(rows, indent=1))
+    with (out_dir / "comparison.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["status", "reason", *(k for k, _ in COLUMNS)],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = Table(title=console_title)
+    for _, title in COLUMNS:
+        table.add_column(title, overflow="fold")
+    for row in rows:
+        table.add_row(*([_cell(row.get(k, "")) for k, _ in COLUMNS] if row["status"] == "ok"
+                        else [row["run"], f"FAILED: {row['reason']}", *[""] * (len(COLUMNS) - 2)]))
+    Console(width=220).print(table)
+    plot_comparison([r for r in rows if r["status"] == "ok"], out_dir)
+
+
+def plot_comparison(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    names = [r["run"] for r in rows]
+    for filename, keys, title in (("quality.png", ["accuracy", "macro_f1"], "quality (test)"),
+                                  ("time.png", ["epoch_s"], "seconds per epoch"),
+                                  ("memory.png", ["peak_mb"], "peak RSS (MB)")):
+        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 3.6))
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            positions = [j + i * width for j in range(len(rows))]
+            bars = ax.bar(positions, [r[key] for r in rows], width, label=key)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))], names, rotation=15, fontsize=8)
+        ax.set_title(title)
+        if len(keys) > 1:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=110)
+        plt.close(fig)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for row in rows:
+        train = [h for h in row["history"] if h["kind"] == "train"]
+        evals = [h for h in row["history"] if h["kind"] == "eval"]
+        left.plot([h["step"] for h in train], [h["loss"] for h in train], label=row["run"])
+        right.plot([h["step"] for h in evals], [h["macro_f1"] for h in evals], "o-", label=row["run"])
+    left.set_title("train loss")
+    right.set_title("validation macro-F1")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def report_runs(run_dirs: list[Path], out_dir: Path) -> list[dict]:
+    rows = [run_row(d) for d in run_dirs]
+    write_report(rows, out_dir)
+    return rows

@@ -77,8 +77,8 @@ class LoadedRun:
     precision: str
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
-    """The run's best model in the dtype layout it was trained and evaluated in."""
+def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True) -> LoadedRun:
+    """The run's best model; as_trained keeps the dtype layout it was evaluated in (else plain fp32)."""
     run_dir = require_run(run_dir)
     config = read_config(run_dir)
     if not (run_dir / MODEL_DIR).is_dir():
@@ -87,8 +87,10 @@ def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
     labels = read_labels(run_dir)
     metrics = read_metrics(run_dir)
     precision = metrics.get("efficiency", {}).get("precision", "fp32")
-    model = load_saved_model(run_dir / MODEL_DIR, config.model.name, len(labels), config.model.attn_implementation)
-    if metrics.get("efficiency", {}).get("frozen_weights_dtype") == "bf16":
+    model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation)
+    if not as_trained:
+        precision = "fp32"
+    elif metrics.get("efficiency", {}).get("frozen_weights_dtype") == "bf16":
         hold_frozen_in(model, torch.bfloat16)
     model.to(device).eval()
     tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))

@@ -396,16 +396,18 @@ class Trainer:
         if len(self.label_names) == 2 and self.config.eval.tune_threshold:
             threshold, _ = tune_threshold(np.asarray(self.bundle.splits["validation"].labels), val_logits.numpy())
             validation, _ = self.evaluate_split("validation", threshold)
+        final_split = "test" if self.config.eval.test else "validation"
         start = time.perf_counter()
-        test, _ = self.evaluate_split("test", threshold)
+        final, _ = self.evaluate_split(final_split, threshold)
         eval_seconds = time.perf_counter() - start
         save_model(model, self.tokenizer, self.run_dir / MODEL_DIR)
-        metrics = {"validation": validation, "test": test, "threshold": threshold,
-                   "efficiency": self._efficiency(model, eval_seconds), "data": self._data_info(),
-                   "best_epoch": self.state.best_epoch, "leaky": bool(self.bundle.info.get("leaky", False))}
+        metrics = {"validation": validation, **({"test": final} if self.config.eval.test else {}),
+                   "threshold": threshold, "efficiency": self._efficiency(model, final_split, eval_seconds),
+                   "data": self._data_info(), "best_epoch": self.state.best_epoch,
+                   "leaky": bool(self.bundle.info.get("leaky", False))}
         write_metrics(self.run_dir, metrics)
-        plot_confusion(test["confusion_matrix"], self.label_names, self.run_dir / "confusion_test.png",
-                       f"{self.config.name}: test")
+        plot_confusion(final["confusion_matrix"], self.label_names, self.run_dir / f"confusion_{final_split}.png",
+                       f"{self.config.name}: {final_split}")
         plot_training_curves(self.state.history, self.run_dir / "training_curves.png", self.config.name)
         return metrics
 
@@ -414,9 +416,9 @@ class Trainer:
         origins = {origin: train.origins.count(origin) for origin in sorted(set(train.origins))}
         return {**self.bundle.info, "train_origins": origins}
 
-    def _efficiency(self, model: torch.nn.Module, eval_seconds: float) -> dict:
+    def _efficiency(self, model: torch.nn.Module, eval_split: str, eval_seconds: float) -> dict:
         s = self.state
-        n_test = len(self.encoded["test"])
+        n_eval = len(self.encoded[eval_split])
         figures = {
             "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
             "threads": self.threads, "num_processes": self.accelerator.num_processes,
@@ -426,11 +428,11 @@ class Trainer:
             "train_samples_per_s": s.samples * self.accelerator.num_processes / max(s.train_seconds, 1e-9),
             "train_tokens_per_s": s.tokens * self.accelerator.num_processes / max(s.train_seconds, 1e-9),
             "padding_fraction": 1 - s.tokens / max(s.padded_tokens, 1),
-            "eval_samples_per_s": n_test / max(eval_seconds, 1e-9),
+            "eval_samples_per_s": n_eval / max(eval_seconds, 1e-9),
             "peak_rss_mb": peak_rss_mb(),
             "trainable_params": self.parameters["trainable"], "total_params": self.parameters["total"],
             "saved_model_mb": directory_size_bytes(self.run_dir / MODEL_DIR) / 2**20,
-            "latency_ms_median": median_latency_ms(model, self.encoded["test"][:50], self.tokenizer.pad_token_id,
+            "latency_ms_median": median_latency_ms(model, self.encoded[eval_split][:50], self.tokenizer.pad_token_id,
                                                    self.precision, self.device, self.config.eval.latency_samples),
         }
         if self.device == "cuda":

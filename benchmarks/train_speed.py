@@ -1,0 +1,208 @@
+"""newstune vs Hugging Face Trainer + PEFT on identical LoRA work, alternating contenders in one run.
+
+    python benchmarks/train_speed.py --mode quick     # MiniLM, 2,000 AG News rows, ~6 minutes on 2 cores
+    python benchmarks/train_speed.py --mode full      # MPNet-base (newstune models install mpnet), ~30 minutes
+
+Each contender trains in its own subprocess (so peak RSS is its own). Reports wall time, non-padding tokens/s,
+samples/s, peak RSS, eval accuracy/macro-F1, eval samples/s, and MFU = analytic FLOPs / measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED_DATA, machine, markdown_table, peak_rss_mb, write_results  # noqa: E402
+
+from newstune.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
+
+MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000},
+         "full": {"model": "mpnet", "rows": 2000, "eval_rows": 1000}}
+LORA = {"r": 4, "alpha": 16, "dropout": 0.1, "targets": "qv"}
+HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
+
+
+def load_rows(rows: int, eval_rows: int):
+    from newstune.config import DataConfig
+    from newstune.data.registry import load_dataset
+
+    bundle = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news", max_train_rows=rows,
+                                     max_eval_rows=eval_rows))
+    return bundle
+
+
+# ---------------------------------------------------------------- contenders (each runs in a subprocess)
+
+
+def run_hf(expert: bool, model_path: str, bundle, out: Path) -> dict:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from newstune.model import ARCH_MODULES
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names))
+    names = ARCH_MODULES[model.config.model_type]
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=LORA["r"], lora_alpha=LORA["alpha"],
+                                             lora_dropout=LORA["dropout"], target_modules=[names["q"], names["v"]]))
+    padding = False if expert else "max_length"
+
+    def encode(split):
+        part = bundle.splits[split]
+        data = Dataset.from_dict({"text": part.texts, "label": part.labels})
+        return data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=HYPER["max_length"],
+                                            padding=padding), batched=True, remove_columns=["text"])
+
+    train, test = encode("train"), encode("test")
+    args = TrainingArguments(
+        output_dir=str(out / "hf"), per_device_train_batch_size=HYPER["batch_size"], per_device_eval_batch_size=64,
+        learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], lr_scheduler_type="cosine",
+        num_train_epochs=HYPER["epochs"], bf16=True, use_cpu=True, save_strategy="no", report_to=[],
+        logging_steps=50, seed=HYPER["seed"], dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if expert else "random")
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                      data_collator=DataCollatorWithPadding(tokenizer) if expert else None)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    prediction = trainer.predict(test)
+    eval_seconds = time.perf_counter() - start
+    preds = np.asarray(prediction.predictions).argmax(1)
+    real_tokens = sum(sum(mask) for mask in train["attention_mask"])
+    computed = sum(len(ids) for ids in train["input_ids"])
+    del torch
+    return {"train_seconds": seconds, "tokens": int(real_tokens), "computed_tokens": int(computed),
+            "samples": len(train), "accuracy": float(accuracy_score(test["label"], preds)),
+            "macro_f1": float(f1_score(test["label"], preds, average="macro")),
+            "eval_samples_per_s": len(test) / eval_seconds, "lengths": [int(sum(m)) for m in train["attention_mask"]],
+            "model_config": model.config.to_dict()}
+
+
+def run_newstune(model_name: str, bundle, out: Path) -> dict:
+    from transformers import AutoConfig
+
+    from newstune.config import validate
+    from newstune.model import load_tokenizer, resolve_model_path
+    from newstune.train import train
+
+    config = validate({
+        "name": "bench", "data": {"name": "ag_news", "max_length": HYPER["max_length"]},
+        "model": {"name": model_name},
+        "lora": {"method": "lora", "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
+                 "target_modules": LORA["targets"]},
+        "train": {"epochs": HYPER["epochs"], "batch_size": HYPER["batch_size"], "lr": HYPER["lr"],
+                  "weight_decay": HYPER["weight_decay"], "scheduler": "cosine", "precision": "bf16",
+                  "seed": HYPER["seed"], "eval_every_epoch": False, "warmup_ratio": 0.0},
+        "eval": {"latency_samples": 0}})
+    run_dir, metrics = train(config, out / "newstune", bundle=bundle)
+    eff = metrics["efficiency"]
+    tokenizer = load_tokenizer(resolve_model_path(model_name))
+    lengths = [len(ids) for ids in tokenizer(bundle.splits["train"].texts, truncation=True,
+                                              max_length=HYPER["max_length"])["input_ids"]]
+    return {"train_seconds": eff["train_seconds"], "tokens": sum(lengths),
+            "computed_tokens": int(sum(lengths) / max(1 - eff["padding_fraction"], 1e-9)),
+            "samples": len(lengths), "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
+            "eval_samples_per_s": eff["eval_samples_per_s"], "lengths": lengths,
+            "model_config": AutoConfig.from_pretrained(resolve_model_path(model_name)).to_dict()}
+
+
+def contender_main(args: argparse.Namespace) -> None:
+    from newstune.model import resolve_model_path
+
+    mode = MODES[args.mode]
+    bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.contender == "newstune":
+            result = run_newstune(mode["model"], bundle, Path(tmp))
+        else:
+            result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp))
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
+    from transformers import AutoConfig
+
+    first = runs[0]
+    config = AutoConfig.for_model(**{k: v for k, v in first["model_config"].items()
+                                     if k in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size")})
+    seconds = statistics.median(r["train_seconds"] for r in runs)
+    flops = analytic_train_flops(config, first["lengths"])
+    return {"contender": name, "train_seconds": seconds, "tokens_per_s": first["tokens"] / seconds,
+            "samples_per_s": first["samples"] / seconds,
+            "padding_fraction": 1 - first["tokens"] / max(first["computed_tokens"], 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "accuracy": first["accuracy"],
+            "macro_f1": first["macro_f1"],
+            "eval_samples_per_s": statistics.median(r["eval_samples_per_s"] for r in runs),
+            "mfu": flops / seconds / (peak_tflops * 1e12), "repeats": len(runs),
+            "all_train_seconds": [r["train_seconds"] for r in runs]}
+
+
+def driver_main(args: argparse.Namespace) -> None:
+    contenders = ["hf-seed", "hf-expert", "newstune"]
+    order = [c for i in range(args.repeats) for c in (contenders if i % 2 == 0 else contenders[::-1])]
+    peak_before = matmul_peak_tflops()
+    results: dict[str, list[dict]] = {c: [] for c in contenders}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, contender in enumerate(order):
+            result_file = Path(tmp) / f"{i}.json"
+            command = [sys.executable, __file__, "--mode", args.mode, "--contender", contender,
+                       "--result", str(result_file), *(["--rows", str(args.rows)] if args.rows else [])]
+            print(f"[{i + 1}/{len(order)}] {contender}", flush=True)
+            subprocess.run(command, check=True)
+            results[contender].append(json.loads(result_file.read_text()))
+    peak = max(peak_before, matmul_peak_tflops())
+    rows = [summarise(c, results[c], peak) for c in contenders]
+    by_name = {r["contender"]: r for r in rows}
+    ours, expert, seed = by_name["newstune"], by_name["hf-expert"], by_name["hf-seed"]
+    ratios = {"newstune_vs_hf_expert_tokens": ours["tokens_per_s"] / expert["tokens_per_s"],
+              "newstune_vs_hf_seed_tokens": ours["tokens_per_s"] / seed["tokens_per_s"],
+              "newstune_vs_hf_expert_rss": ours["peak_rss_mb"] / expert["peak_rss_mb"],
+              "newstune_vs_hf_eval_throughput": ours["eval_samples_per_s"] / expert["eval_samples_per_s"]}
+    table = markdown_table(rows, [("contender", "contender"), ("train_seconds", "train s"),
+                                  ("tokens_per_s", "tokens/s (non-pad)"), ("samples_per_s", "samples/s"),
+                                  ("padding_fraction", "padding"), ("peak_rss_mb", "peak RSS MB"),
+                                  ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+                                  ("eval_samples_per_s", "eval samples/s"), ("mfu", "MFU (bf16)")])
+    table += "\n\n" + " | ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
+    table += f"\n\nbf16 matmul peak measured in this run: {peak:.2f} TFLOP/s"
+    write_results(Path(args.out), f"train_speed_{args.mode}", {"machine": machine(), "mode": args.mode,
+                  "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
+                  "order": order}, table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=list(MODES), default="quick")
+    parser.add_argument("--rows", type=int, default=None, help="training rows (default by mode)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of A B C / C B A")
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--contender", choices=["hf-seed", "hf-expert", "newstune"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    contender_main(args) if args.contender else driver_main(args)
+
+
+if __name__ == "__main__":
+    main()

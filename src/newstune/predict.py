@@ -1,0 +1,155 @@
+"""Batch prediction over large files: streamed in chunks, batched by length, bad rows reported by line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from newstune.data.registry import build_text
+from newstune.data.text import clean_text
+from newstune.errors import NewstuneError
+from newstune.evaluate import decide, softmax
+from newstune.model import predict_logits
+from newstune.run import LoadedRun
+
+CHUNK_ROWS = 2048
+
+
+def file_kind(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    kind = suffixes[-1].lstrip(".") if suffixes else "csv"
+    if kind not in ("csv", "tsv", "jsonl", "json"):
+        raise NewstuneError(f"{path}: unknown file type '.{kind}'; use .csv, .tsv or .jsonl (optionally .gz)")
+    return "jsonl" if kind == "json" else kind
+
+
+def read_chunks(path: Path) -> Iterator[list[tuple[int, dict | None, str | None]]]:
+    """(line number, record or None, parse error or None), CHUNK_ROWS at a time, never the whole file."""
+    if not path.is_file():
+        raise NewstuneError(f"input file not found: {path}")
+    kind = file_kind(path)
+    if kind == "jsonl":
+        yield from _jsonl_chunks(path)
+        return
+    reader = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
+                         chunksize=CHUNK_ROWS, quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL)
+    line = 2
+    for frame in reader:
+        records = frame.to_dict("records")
+        yield [(line + i, record, None) for i, record in enumerate(records)]
+        line += len(records)
+
+
+def _jsonl_chunks(path: Path) -> Iterator[list[tuple[int, dict | None, str | None]]]:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    chunk: list[tuple[int, dict | None, str | None]] = []
+    with opener(path, "rt") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                chunk.append((number, record, None) if isinstance(record, dict) else (number, None, "not an object"))
+            except json.JSONDecodeError as err:
+                chunk.append((number, None, f"invalid JSON: {err.msg}"))
+            if len(chunk) == CHUNK_ROWS:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def row_text(record: dict | None, run: LoadedRun) -> tuple[str | None, str | None]:
+    if record is None:
+        return None, None
+    columns = run.config.data.text_columns
+    missing = [c for c in columns if c not in record or record[c] is None]
+    if missing:
+        return None, f"missing column(s) {missing}"
+    text = clean_text(build_text({k: str(v) for k, v in record.items()}, run.config.data), run.config.data.clean)
+    return (text, None) if text else (None, "empty text")
+
+
+class OutputWriter:
+    """Writes predictions in the output file's format: input columns + predicted label + one probability per class."""
+
+    def __init__(self, path: Path, label_names: list[str]) -> None:
+        self.kind = file_kind(path)
+        self.label_names = label_names
+        self.handle = path.open("w", newline="")
+        self.writer: csv.DictWriter | None = None
+
+    def write(self, record: dict) -> None:
+        if self.kind == "jsonl":
+            self.handle.write(json.dumps(record) + "\n")
+            return
+        flat = {k: v for k, v in record.items() if k != "probabilities"}
+        flat.update({f"prob_{name}": p for name, p in (record.get("probabilities") or {}).items()})
+        if self.writer is None:
+            fields = [*flat.keys(), *(f"prob_{n}" for n in self.label_names if f"prob_{n}" not in flat)]
+            self.writer = csv.DictWriter(self.handle, fieldnames=fields, delimiter="\t" if self.kind == "tsv" else ",",
+                                         extrasaction="ignore")
+            self.writer.writeheader()
+        self.writer.writerow(flat)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def predict_file(run: LoadedRun, input_path: Path, output_path: Path, batch_size: int = 64) -> dict:
+    """Predict every row; rows that cannot be read get an `error` and are counted, never dropped."""
+    if output_path.exists():
+        raise NewstuneError(f"output file {output_path} already exists; choose another --output")
+    if input_path.resolve() == output_path.resolve():
+        raise NewstuneError("--output must differ from --input")
+    writer = OutputWriter(output_path, run.label_names)
+    counts = {"rows": 0, "predicted": 0, "errors": 0}
+    bar = tqdm(desc="predict", unit="rows")
+    try:
+        for chunk in read_chunks(input_path):
+            texts = [(number, record, *row_text(record, run)) for number, record, _ in chunk]
+            parse_errors = {number: error for number, _, error in chunk if error}
+            good = [(n, r, t) for n, r, t, e in texts if t is not None]
+            probs = _probabilities(run, [t for _, _, t in good], batch_size)
+            by_line = {n: p for (n, _, _), p in zip(good, probs)}
+            for number, record, _, error in texts:
+                error = parse_errors.get(number) or error
+                writer.write(_output_record(number, record, by_line.get(number), error, run))
+                counts["rows"] += 1
+                if error:
+                    counts["errors"] += 1
+                    print(f"{input_path}:{number}: {error}", file=sys.stderr)
+                else:
+                    counts["predicted"] += 1
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        writer.close()
+    return counts
+
+
+def _probabilities(run: LoadedRun, texts: list[str], batch_size: int) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, len(run.label_names)))
+    ids = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]
+    logits = predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision)
+    return softmax(logits.numpy().astype(np.float64))
+
+
+def _output_record(number: int, record: dict | None, probs: np.ndarray | None, error: str | None,
+                   run: LoadedRun) -> dict:
+    out = {"line": number, **(record or {})}
+    if probs is None:
+        return {**out, "predicted_label": "", "error": error or "unreadable row"}
+    label = run.label_names[int(decide(probs[None, :], run.threshold)[0])]
+    return {**out, "predicted_label": label, "error": "",
+            "probabilities": {name: round(float(p), 6) for name, p in zip(run.label_names, probs)}}

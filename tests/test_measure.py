@@ -1,0 +1,124 @@
+"""compare / report / profile / sweep on tiny models."""
+
+import json
+
+import optuna
+import pytest
+import yaml
+
+from newstune.profile import analytic_train_flops, op_category
+from newstune.report import report_runs, run_row
+from newstune.sweep import compare, parse_grid, parse_variant, sweep
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("name, phase, category", [
+    ("aten::addmm", "forward", "gemm"), ("aten::mm", "backward", "gemm"), ("aten::linear", None, "gemm"),
+    ("aten::bmm", "forward", "attention"), ("aten::_softmax", "forward", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "forward", "attention"),
+    ("aten::native_layer_norm", "forward", "norm_elementwise"), ("aten::gelu", "forward", "norm_elementwise"),
+    ("aten::native_dropout", "forward", "norm_elementwise"), ("aten::add_", "backward", "norm_elementwise"),
+    ("aten::_foreach_mul_", "optimizer", "optimizer"), ("aten::mul_", "optimizer", "optimizer"),
+    ("aten::stack", "data", "data"), ("aten::embedding_dense_backward", "backward", "norm_elementwise"),
+    ("aten::nonzero", "forward", "other"),
+])
+def test_op_categories(name, phase, category):
+    assert op_category(name, phase) == category
+
+
+def test_analytic_flops_scale_with_tokens():
+    from transformers import BertConfig
+
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=256)
+    one = analytic_train_flops(config, [10])
+    assert analytic_train_flops(config, [10, 10]) == 2 * one
+    assert analytic_train_flops(config, [10], full_finetune=True) == pytest.approx(1.5 * one)
+    linear = 2 * (4 * 64 * 64 + 2 * 64 * 256)
+    assert one == 2 * (2 * linear * 10 + 4 * 2 * 100 * 64)
+
+
+def recipe_file(tmp_path, tiny_models, tiny_data, **overrides):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1, **overrides})))
+    return path
+
+
+def test_parse_variant_and_grid():
+    assert parse_variant("lora_r8:lora.r=8,train.lr=1e-3") == ("lora_r8", ["lora.r=8", "train.lr=1e-3"])
+    assert parse_grid(["lora.r=4,8", "lora.target_modules=qv,qkv"]) == {"lora.r": [4, 8],
+                                                                       "lora.target_modules": ["qv", "qkv"]}
+
+
+def test_compare_reports_failed_variant_and_finishes_the_others(tiny_models, tiny_data, tmp_path):
+    recipe = recipe_file(tmp_path, tiny_models, tiny_data)
+    rows = compare(recipe, [], ["lora:lora.method=lora", "broken:lora.target_modules=[nope]",
+                                "full:lora.method=full,train.lr=1e-3"], tmp_path / "cmp")
+    status = {r["run"]: r["status"] for r in rows}
+    assert status == {"lora": "ok", "broken": "failed", "full": "ok"}
+    broken = next(r for r in rows if r["run"] == "broken")
+    assert "do not fit" in broken["reason"]
+    for name in ("comparison.md", "comparison.csv", "comparison.json", "quality.png", "time.png", "memory.png",
+                 "curves.png"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+    ok = {r["run"]: r for r in rows if r["status"] == "ok"}
+    assert ok["full"]["trainable"] > ok["lora"]["trainable"]
+    assert "failed" in (tmp_path / "cmp" / "comparison.md").read_text()
+    again = report_runs([tmp_path / "cmp" / "lora", tmp_path / "cmp" / "full"], tmp_path / "rep")
+    assert [r["accuracy"] for r in again] == [ok["lora"]["accuracy"], ok["full"]["accuracy"]]
+
+
+def test_sweep_budget_interrupt_and_resume(tiny_models, tiny_data, tmp_path, monkeypatch):
+    recipe = recipe_file(tmp_path, tiny_models, tiny_data)
+    grid = ["lora.r=2,4,32", "lora.target_modules=qv"]
+    import newstune.sweep as sweep_module
+
+    real_train = sweep_module.train_in_subprocess
+    calls = []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args)
+
+    monkeypatch.setattr(sweep_module, "train_in_subprocess", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(recipe, [], grid, tmp_path / "sw", max_trainable=2_000)
+    budget = json.loads((tmp_path / "sw" / "budget.json").read_text())
+    assert len(budget["skipped"]) == 1 and list(budget["skipped"].values())[0] > 2_000
+    monkeypatch.setattr(sweep_module, "train_in_subprocess", real_train)
+    with pytest.raises(Exception, match="exists"):
+        sweep(recipe, [], grid, tmp_path / "sw", max_trainable=2_000)
+    rows = sweep(recipe, [], grid, tmp_path / "sw", max_trainable=2_000, resume=True)
+    assert sorted(r["lora.r"] for r in rows) == [2, 4]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'sw' / 'study.db'}")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert any(t.params.get("lora.r") == 32 for t in pruned)
+    for name in ("sweep.md", "metric_vs_params.png", "best_recipe.yaml", "best_test.json"):
+        assert (tmp_path / "sw" / name).is_file(), name
+    trial_runs = [r["run_dir"] for r in rows]
+    assert all("test" not in json.loads(open(f"{d}/metrics.json").read()) or d == rows[0]["run_dir"]
+               for d in trial_runs)
+
+
+def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path):
+    from newstune.config import validate
+    from newstune.profile import CATEGORIES, profile_run
+
+    config = validate(tiny_config(tiny_models["bert"], tiny_data))
+    result = profile_run(config, steps=3, warmup=1, out_dir=tmp_path / "prof")
+    assert (tmp_path / "prof" / "trace.json").is_file() and (tmp_path / "prof" / "profile.json").is_file()
+    assert set(result["category_share"]) == set(CATEGORIES)
+    assert sum(result["category_share"].values()) == pytest.approx(1.0)
+    assert result["category_ms"]["gemm"] > 0 and result["category_ms"]["optimizer"] > 0
+    assert result["phase_ms"]["forward"] > 0 and result["phase_ms"]["backward"] > 0
+    assert 0 < result["mfu"] < 1 and len(result["top_ops"]) == 20
+
+
+def test_run_row_of_unfinished_run(tmp_path, tiny_models, tiny_data):
+    from newstune.config import validate
+    from newstune.train import train
+
+    run_dir, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data)), tmp_path / "cut", stop_after_steps=3)
+    assert run_row(run_dir)["status"] == "failed"

@@ -1,0 +1,142 @@
+"""Using a trained run: batch prediction, merged export, the multi-model HTTP service."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForSequenceClassification
+
+from newstune.config import validate
+from newstune.errors import NewstuneError
+from newstune.export import export_merged
+from newstune.model import predict_logits
+from newstune.predict import predict_file
+from newstune.run import load_run
+from newstune.serve import MAX_CHARS, MAX_TEXTS, create_app, load_served
+from newstune.train import train
+
+from .conftest import synthetic_rows, tiny_config, write_csv
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, tiny_data, tmp_path_factory):
+    """A 3-class topic run and a binary run over the same tiny base model."""
+    root = tmp_path_factory.mktemp("runs")
+    topic_dir, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.precision": "bf16"})),
+                         root / "topics")
+    binary_data = root / "binary_data"
+    binary_data.mkdir()
+    for name, seed in (("train.csv", 1), ("valid.csv", 2), ("test.csv", 3)):
+        write_csv(binary_data / name, [r for r in synthetic_rows(300, seed) if r[1] != "science"])
+    binary_dir, _ = train(validate(tiny_config(tiny_models["bert"], binary_data, **{"train.precision": "bf16",
+                                                                                     "lora.r": 2})),
+                          root / "binary")
+    return {"topics": topic_dir, "binary": binary_dir}
+
+
+def test_predict_file_streams_and_reports_bad_rows(runs, tmp_path, monkeypatch):
+    import newstune.predict
+
+    monkeypatch.setattr(newstune.predict, "CHUNK_ROWS", 7)
+    lines = [json.dumps({"text": text, "id": i}) for i, (text, _) in enumerate(synthetic_rows(20, 9))]
+    lines.insert(3, "{not json")
+    lines.insert(8, json.dumps({"text": "   "}))
+    lines.insert(12, json.dumps({"headline": "no text column"}))
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    counts = predict_file(load_run(runs["topics"]), source, tmp_path / "out.jsonl")
+    assert counts == {"rows": 23, "predicted": 20, "errors": 3}
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["line"] for o in out if o["error"]] == [4, 9, 13]
+    assert "invalid JSON" in out[3]["error"] and out[8]["error"] == "empty text"
+    good = [o for o in out if not o["error"]]
+    assert all(abs(sum(o["probabilities"].values()) - 1) < 1e-4 for o in good)
+    assert [o["id"] for o in good] == list(range(20))
+
+
+def test_predict_csv_applies_the_binary_threshold(runs, tmp_path):
+    run = load_run(runs["binary"])
+    source = write_csv(tmp_path / "in.csv", synthetic_rows(12, 5))
+    predict_file(run, source, tmp_path / "out.csv")
+    import pandas as pd
+
+    out = pd.read_csv(tmp_path / "out.csv")
+    names = run.label_names
+    expected = np.where(out[f"prob_{names[1]}"] >= run.threshold, names[1], names[0])
+    assert list(out["predicted_label"]) == list(expected)
+    with pytest.raises(NewstuneError, match="already exists"):
+        predict_file(run, source, tmp_path / "out.csv")
+
+
+def test_merged_export_loads_without_peft_and_agrees(runs, tmp_path):
+    checks = export_merged(runs["topics"], tmp_path / "merged")
+    assert checks["merged"]["same_argmax"] and checks["merged"]["max_abs_logit_diff"] < 1e-4
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+    run = load_run(runs["topics"], as_trained=False)
+    ids = run.tokenizer(["goal match team", "stock market profit bank"])["input_ids"]
+    assert torch.allclose(predict_logits(plain, ids, 0), predict_logits(run.model, ids, 0), atol=1e-4)
+    assert plain.config.id2label[0] == run.label_names[0]
+
+
+def test_service_shares_one_base_and_switches_adapters(runs):
+    served = load_served([f"topics={runs['topics']}", f"binary={runs['binary']}"])
+    topic_params = dict(served["topics"].model.named_parameters())
+    binary_params = dict(served["binary"].model.named_parameters())
+    word_embeddings = [n for n in topic_params if "word_embeddings" in n][0]
+    assert topic_params[word_embeddings].data_ptr() == binary_params[word_embeddings].data_ptr()
+    texts = ["goal match team today", "stock market profit bank"]
+    with TestClient(create_app(served)) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        assert {m["name"] for m in client.get("/v1/models").json()} == {"topics", "binary"}
+        for name in ("topics", "binary"):
+            response = client.post("/v1/classify", json={"model": name, "texts": texts})
+            assert response.status_code == 200
+            got = [r["label"] for r in response.json()["results"]]
+            assert got == [r["label"] for r in served[name].classify(texts)]
+            run = load_run(served[name].run_dir)
+            ids = run.tokenizer(texts)["input_ids"]
+            own = predict_logits(run.model, ids, 0, precision=run.precision).argmax(1)
+            if run.threshold is None:
+                assert got == [run.label_names[i] for i in own]
+        assert len(client.post("/v1/classify", json={"model": "binary", "texts": texts}).json()["results"][0][
+            "probabilities"]) == 2
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": "nope", "texts": ["x"]}, 404),
+    ({"model": "topics", "texts": []}, 422),
+    ({"model": "topics", "texts": ["x"] * (MAX_TEXTS + 1)}, 422),
+    ({"model": "topics", "texts": ["x" * (MAX_CHARS + 1)]}, 413),
+    ({"model": "topics", "texts": ["   "]}, 422),
+    ({"model": "topics", "texts": "not a list"}, 422),
+    ({"texts": ["x"]}, 422),
+])
+def test_service_rejects_bad_input_with_4xx(runs, body, status):
+    with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
+        assert client.post("/v1/classify", json=body).status_code == status
+
+
+def test_concurrent_requests_are_micro_batched(runs):
+    import asyncio
+
+    served = load_served([f"topics={runs['topics']}"])
+    calls = []
+    original = served["topics"].classify
+    served["topics"].classify = lambda texts: calls.append(len(texts)) or original(texts)
+    app = create_app(served, max_wait_ms=50)
+
+    async def burst():
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            requests = [client.post("/v1/classify", json={"model": "topics", "texts": [f"goal {i}"]})
+                        for i in range(8)]
+            return await asyncio.gather(*requests)
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert sum(calls) == 8 and len(calls) < 8
