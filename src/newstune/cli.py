@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -203,6 +204,33 @@ def sweep(
         raise NewstuneError(f"--sampler {sampler} needs --trials N")
     extra = [f"data.dir={data_dir}"] if data_dir else []
     run_sweep(config, [*(overrides or []), *extra], grid, output_dir, max_trainable, sampler, trials, resume=resume)
+
+
+@app.command()
+def generate(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML (its labels and splits are used).")],
+    generator: Annotated[str, typer.Option(help="Causal LM: hub id or local folder.")],
+    output: Annotated[Path, typer.Option(help="JSONL to write (must not exist).")],
+    per_class: Annotated[int, typer.Option(help="Generated texts per class before filtering.")] = 100,
+    prompt: Annotated[str, typer.Option(help="Per-class prompt; {label} is replaced.")] = "{label} news:",
+    filter_run: Annotated[Path | None, typer.Option(help="Keep rows this run labels as intended.")] = None,
+    min_confidence: Annotated[float, typer.Option(help="Classifier probability needed to keep a row.")] = 0.7,
+    min_new_tokens: int = 8,
+    max_new_tokens: int = 48,
+    temperature: float = 0.9,
+    top_p: float = 0.95,
+    repetition_penalty: float = 1.3,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Generator-based augmentation: synthetic rows per class, deduplicated, optionally classifier-filtered."""
+    from newstune.data.augment import generate_rows
+
+    counts = generate_rows(_config_with(config, overrides, data_dir), generator, output, per_class, prompt,
+                           filter_run, min_confidence,
+                           dict(min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty))
+    typer.echo(json.dumps(counts))
 
 
 @models_app.command("install")

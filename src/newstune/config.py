@@ -27,6 +27,7 @@ class CleanConfig(_Section):
 class AugmentConfig(_Section):
     """Training-set augmentation. Augmented rows never reach validation or test."""
 
+    seed: int | None = Field(None, description="Augmentation seed; default train.seed.")
     eda: bool = Field(False, description="Easy Data Augmentation (Wei & Zou 2019).")
     eda_copies: int = Field(1, ge=1, le=16, description="Augmented copies per training example.")
     synonym_rate: float = Field(0.1, ge=0, le=1, description="Fraction of words replaced by WordNet synonyms.")
@@ -34,6 +35,7 @@ class AugmentConfig(_Section):
     swap_rate: float = Field(0.1, ge=0, le=1, description="Fraction of word pairs swapped.")
     delete_rate: float = Field(0.1, ge=0, le=1, description="Probability each word is deleted.")
     synthetic_file: Path | None = Field(None, description="JSONL of generated rows (newstune generate).")
+    wordnet_dir: Path | None = Field(None, description="NLTK data folder holding corpora/wordnet.zip.")
 
 
 class DataConfig(_Section):
@@ -130,10 +132,19 @@ class TrainSettings(_Section):
     log_every_steps: int = Field(20, ge=1)
 
 
+class ExtraEvalSet(_Section):
+    """Another labelled source evaluated after training (e.g. out-of-distribution), mapped onto the run's labels."""
+
+    name: str = Field(description="Shown as extra:<name> in metrics.json and reports.")
+    data: DataConfig
+    label_map: dict[str, str] | None = Field(None, description="Source label -> run label; unmapped rows dropped.")
+
+
 class EvalSettings(_Section):
     tune_threshold: bool = Field(True, description="Binary tasks: tune the decision threshold on validation.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
+    extra: list[ExtraEvalSet] = Field(default_factory=list, description="Extra labelled sets (OOD) to evaluate.")
 
 
 class RunConfig(_Section):

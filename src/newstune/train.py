@@ -392,9 +392,10 @@ class Trainer:
         if (self.run_dir / BEST_WEIGHTS).is_file():
             model.load_state_dict(torch.load(self.run_dir / BEST_WEIGHTS), strict=False)
         validation, val_logits = self.evaluate_split("validation")
-        threshold = None
+        threshold = self.threshold = None
         if len(self.label_names) == 2 and self.config.eval.tune_threshold:
             threshold, _ = tune_threshold(np.asarray(self.bundle.splits["validation"].labels), val_logits.numpy())
+            self.threshold = threshold
             validation, _ = self.evaluate_split("validation", threshold)
         final_split = "test" if self.config.eval.test else "validation"
         start = time.perf_counter()
@@ -405,11 +406,26 @@ class Trainer:
                    "threshold": threshold, "efficiency": self._efficiency(model, final_split, eval_seconds),
                    "data": self._data_info(), "best_epoch": self.state.best_epoch,
                    "leaky": bool(self.bundle.info.get("leaky", False))}
+        metrics.update(self._extra_evaluations(model))
         write_metrics(self.run_dir, metrics)
         plot_confusion(final["confusion_matrix"], self.label_names, self.run_dir / f"confusion_{final_split}.png",
                        f"{self.config.name}: {final_split}")
         plot_training_curves(self.state.history, self.run_dir / "training_curves.png", self.config.name)
         return metrics
+
+    def _extra_evaluations(self, model: torch.nn.Module) -> dict:
+        """Each configured extra set (e.g. out-of-distribution), with the run's threshold."""
+        from newstune.data.registry import load_eval_set
+
+        out = {}
+        for extra in self.config.eval.extra:
+            split = load_eval_set(extra.data, extra.label_map, self.label_names)
+            ids = tokenize_texts(self.tokenizer, split.texts, self.config.data.max_length, cache_dir() / "tokens")
+            logits = predict_logits(model, ids, self.tokenizer.pad_token_id, self.config.train.eval_batch_size,
+                                    self.precision, self.device)
+            out[f"extra:{extra.name}"] = classification_metrics(np.asarray(split.labels), logits.numpy(),
+                                                                self.label_names, self.threshold)
+        return out
 
     def _data_info(self) -> dict:
         train = self.bundle.splits["train"]

@@ -284,14 +284,19 @@ def check_texts(rows: list[tuple[str, str]], split: str, drop_empty: bool) -> li
     return [row for row in rows if row[0].strip()]
 
 
-def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
+def load_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list[str] | None]:
+    """Cleaned (text, label name) rows per split as the source has them, before any label encoding."""
     folder = data_dir(config)
     if folder is None and config.name != "files":
         raw_rows, label_names = hub_rows(config)
     else:
         raw_rows, label_names = LOADERS[config.name](config, folder)
     raw_rows = {split: [(clean_text(t, config.clean), label) for t, label in rows] for split, rows in raw_rows.items()}
-    raw_rows = {split: check_texts(rows, split, config.drop_empty) for split, rows in raw_rows.items()}
+    return {split: check_texts(rows, split, config.drop_empty) for split, rows in raw_rows.items()}, label_names
+
+
+def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
+    raw_rows, label_names = load_rows(config)
     label_names = config.label_names or label_names or sorted({label for _, label in raw_rows["train"]})
     if config.min_class_count:
         counts = Counter(label for _, label in raw_rows["train"])
@@ -301,10 +306,25 @@ def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
               for split, rows in raw_rows.items()}
     splits = fill_missing_splits(splits, config, seed)
     splits = limit_rows(splits, config, seed)
+    if config.augment.eda or config.augment.synthetic_file:
+        from newstune.data.augment import augment_train
+
+        splits["train"] = augment_train(splits, label_names, config.augment, seed)
     info = {"dataset": config.name, "rows": {s: len(v) for s, v in splits.items()}}
     if config.name == "liar" and config.credit_history:
         info["leaky"] = True
     return DatasetBundle(splits=splits, label_names=list(label_names), info=info)
+
+
+def load_eval_set(data: DataConfig, label_map: dict[str, str] | None, label_names: list[str]) -> TextSplit:
+    """Every row of another labelled source, its labels mapped onto a run's labels (unmapped rows left out)."""
+    raw_rows, _ = load_rows(data)
+    rows = [row for split in raw_rows.values() for row in split]
+    if label_map is not None:
+        rows = [(text, label_map[label]) for text, label in rows if label in label_map]
+    if not rows:
+        raise NewstuneError(f"extra evaluation set from '{data.name}' has no rows after the label mapping")
+    return TextSplit([t for t, _ in rows], encode_labels([lab for _, lab in rows], label_names, "extra eval"))
 
 
 def fill_missing_splits(splits: dict[str, TextSplit], config: DataConfig, seed: int) -> dict[str, TextSplit]:
