@@ -140,3 +140,11 @@ def test_concurrent_requests_are_micro_batched(runs):
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)
     assert sum(calls) == 8 and len(calls) < 8
+
+
+def test_onnx_export_agrees_within_tolerance(runs, tmp_path):
+    pytest.importorskip("onnxruntime")
+    checks = export_merged(runs["topics"], tmp_path / "onnx", onnx=True, quantize=True)
+    assert checks["onnx"]["max_abs_logit_diff"] < 1e-3 and checks["onnx"]["same_argmax"]
+    assert checks["onnx_int8"]["max_abs_prob_diff"] < 0.2
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "model.int8.onnx").is_file()
