@@ -127,8 +127,8 @@ def test_dedupe_and_classifier_filter():
 
 
 def test_generator_with_a_tiny_random_gpt2(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<eos>", "goal", "team", "market", "stock", "news", ":", "sports",
                                          "business", "the", "a"])}

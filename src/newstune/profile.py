@@ -31,7 +31,7 @@ def op_category(name: str, phase: str | None = None) -> str:
         return "gemm"
     if name in ATTENTION_OPS or "scaled_dot_product" in name or "attention" in name:
         return "attention"
-    bare = name.removeprefix("aten::").strip("_")
+    bare = name.removeprefix("aten::").lstrip("_")
     if any(bare.startswith(op) or bare.endswith(op) for op in NORM_ELEMENTWISE) or "layer_norm" in bare:
         return "norm_elementwise"
     return "other"
