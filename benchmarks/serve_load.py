@@ -1,0 +1,93 @@
+"""Load test of `newstune serve` with a real HTTP client: 1, 8 and 32 concurrent clients sending single-text
+requests to a server on 127.0.0.1 (bounded: each level runs for --seconds). Reports requests/s, p50/p99, errors.
+
+    python benchmarks/serve_load.py runs/ag_news_minilm_lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED_DATA, machine, markdown_table, write_results  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def client(http, url: str, model: str, texts: list[str], deadline: float, latencies: list, errors: list):
+    i = 0
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        try:
+            response = await http.post(url, json={"model": model, "texts": [texts[i % len(texts)]]})
+            if response.status_code != 200:
+                errors.append(response.status_code)
+        except Exception as err:  # noqa: BLE001 -- every failure counts as an error
+            errors.append(type(err).__name__)
+        latencies.append(time.perf_counter() - start)
+        i += 1
+
+
+async def level(base: str, model: str, texts: list[str], clients: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors: list = []
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
+        await http.post("/v1/classify", json={"model": model, "texts": texts[:1]})
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(client(http, "/v1/classify", model, texts[k::clients], deadline, latencies, errors)
+                               for k in range(clients)))
+    latencies.sort()
+    return {"clients": clients, "requests": len(latencies), "requests_per_s": len(latencies) / seconds,
+            "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+            "errors": len(errors)}
+
+
+def main() -> None:
+    import httpx
+
+    from newstune.config import DataConfig
+    from newstune.data.registry import load_dataset
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts[:2000]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "newstune.cli", "serve", f"topics={args.run}", "--port",
+                               str(port)], env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        rows = [asyncio.run(level(base, "topics", texts, n, args.seconds)) for n in (1, 8, 32)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    table = markdown_table(rows, [("clients", "concurrent clients"), ("requests", "requests"),
+                                  ("requests_per_s", "requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+                                  ("errors", "errors")])
+    write_results(Path(args.out), "serve_load", {"machine": machine(), "run": str(args.run), "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()
