@@ -139,3 +139,10 @@ def test_threshold_tuning_finds_the_separating_point():
     threshold, f1 = tune_threshold(labels, logits)
     assert 0.3 < threshold <= 0.35 and f1 == pytest.approx(1.0)
     assert classification_metrics(labels, logits, ["f", "t"], threshold)["accuracy"] == 1.0
+
+
+def test_gradient_accumulation_halves_optimizer_steps(tiny_models, tiny_data, tmp_path):
+    _, plain = run_tiny(tiny_models, tiny_data, tmp_path, "plain", **{"train.epochs": 1})
+    _, accumulated = run_tiny(tiny_models, tiny_data, tmp_path, "accum", **{"train.epochs": 1, "train.grad_accum": 2})
+    assert plain["efficiency"]["optimizer_steps"] == 30
+    assert accumulated["efficiency"]["optimizer_steps"] == 15
