@@ -29,10 +29,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--runs", default="runs/augment_ood")
     parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     args = parser.parse_args()
     wordnet = SHARED_DATA / "wordnet" / "nltk_data"
     rows = []
-    for name, overrides in VARIANTS.items():
+    for name in args.variants.split(","):
+        overrides = VARIANTS[name]
         run_dir = Path(args.runs) / name
         if not (run_dir / "metrics.json").is_file():
             command = ["newstune", "train", RECIPE, "--output-dir", str(run_dir),

@@ -144,8 +144,13 @@ def sweep(recipe: Path, overrides: list[str], grid_items: list[str], out_dir: Pa
         return -validation["loss"] if metric == "loss" else validation[metric]
 
     if sampler == "grid":
-        for params in pending_grid_points(study, combos):
-            study.enqueue_trial(params)
+        # A trial killed outright stays RUNNING until its heartbeat goes stale; re-check after every trial.
+        for _attempt in range(2 * len(combos)):
+            optuna.storages.fail_stale_trials(study)
+            pending = pending_grid_points(study, combos)
+            if not pending:
+                break
+            study.enqueue_trial(pending[0])
             study.optimize(objective, n_trials=1)
     else:
         finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
