@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,3 +48,32 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
                          f"{value:,.0f}" if isinstance(value, float) else str(value))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *body])
+
+
+@contextmanager
+def served(specs: list[str]) -> Iterator[str]:
+    """`newstune serve SPECS` on a free 127.0.0.1 port; yields its base URL once /health answers."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "newstune.cli", "serve", *specs, "--port", str(port)],
+                              env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

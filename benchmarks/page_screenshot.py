@@ -6,18 +6,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from serve_load import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import served  # noqa: E402
 
 
 def main() -> None:
-    import httpx
     from playwright.sync_api import sync_playwright
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,17 +22,7 @@ def main() -> None:
     parser.add_argument("--text", default="Oil prices jump as OPEC agrees to cut output; airline shares slide")
     parser.add_argument("--out", type=Path, default=Path("docs/page.png"))
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "newstune.cli", "serve", *args.runs, "--port", str(port)],
-                              env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with served(args.runs) as base:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 900, "height": 560})
@@ -47,9 +34,6 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out))
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     print(args.out)
 
 

@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, machine, markdown_table, write_results  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from common import SHARED_DATA, machine, markdown_table, served, write_results  # noqa: E402
 
 
 async def client(http, url: str, model: str, texts: list[str], deadline: float, latencies: list, errors: list):
@@ -57,7 +48,6 @@ async def level(base: str, model: str, texts: list[str], clients: int, seconds: 
 
 
 def main() -> None:
-    import httpx
 
     from newstune.config import DataConfig
     from newstune.data.registry import load_dataset
@@ -68,21 +58,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts[:2000]
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "newstune.cli", "serve", f"topics={args.run}", "--port",
-                               str(port)], env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with served([f"topics={args.run}"]) as base:
         rows = [asyncio.run(level(base, "topics", texts, n, args.seconds)) for n in (1, 8, 32)]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     table = markdown_table(rows, [("clients", "concurrent clients"), ("requests", "requests"),
                                   ("requests_per_s", "requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                                   ("errors", "errors")])
