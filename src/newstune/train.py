@@ -165,7 +165,7 @@ class Trainer:
             self.frozen_dtype = "bf16"
         self.encoded = {split: tokenize_texts(self.tokenizer, part.texts, self.config.data.max_length,
                                               cache_dir() / "tokens") for split, part in self.bundle.splits.items()}
-        self.train_loader, self.sampler = self._train_loader()
+        self.train_loader = self._train_loader()
         self.optimizer = self._optimizer()
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
         self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
@@ -180,13 +180,12 @@ class Trainer:
         if self.resume:
             self._load_checkpoint()
 
-    def _train_loader(self) -> tuple[DataLoader, LengthGroupedBatchSampler]:
+    def _train_loader(self) -> DataLoader:
         cfg = self.config.train
         train = EncodedDataset(self.encoded["train"], self.bundle.splits["train"].labels)
         sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
-        loader = DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
-                            num_workers=cfg.num_workers)
-        return loader, sampler
+        return DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
+                          num_workers=cfg.num_workers)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config.train
