@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, machine, markdown_table, peak_rss_mb, write_results  # noqa: E402
+from common import SHARED_DATA, machine, markdown_table, write_results  # noqa: E402
 
 from newstune.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
+from newstune.train import peak_rss_mb  # noqa: E402
 
 MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000},
          "full": {"model": "mpnet", "rows": 2000, "eval_rows": 1000}}
