@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,10 +9,10 @@ import torch
 
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.model import predict_logits
+from newstune.model import encoder_model, predict_logits
 from newstune.report import evaluate_run
-from newstune.run import load_run
-from newstune.train import resolve_precision, resume, train
+from newstune.run import load_run, write_run_header
+from newstune.train import Trainer, resolve_precision, resume, train
 
 from .conftest import tiny_config
 
@@ -146,3 +147,45 @@ def test_gradient_accumulation_halves_optimizer_steps(tiny_models, tiny_data, tm
     _, accumulated = run_tiny(tiny_models, tiny_data, tmp_path, "accum", **{"train.epochs": 1, "train.grad_accum": 2})
     assert plain["efficiency"]["optimizer_steps"] == 30
     assert accumulated["efficiency"]["optimizer_steps"] == 15
+
+
+def _prepared_trainer(config: dict, run_dir: Path) -> Trainer:
+    trainer = Trainer(validate(config), run_dir)
+    trainer.setup()
+    run_dir.mkdir()
+    write_run_header(run_dir, trainer.config, trainer.label_names)
+    return trainer
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_cached_frozen_layers_follow_the_plain_loss_curve(tiny_models, tiny_data, tmp_path, arch):
+    overrides = {"lora.top_layers": 1, "lora.dropout": 0.1, "train.epochs": 2, "train.log_every_steps": 1}
+    plain = _prepared_trainer(tiny_config(tiny_models[arch], tiny_data, **overrides), tmp_path / "plain")
+    # The plain path with dropout off below the LoRA layer is what the cached path computes.
+    encoder = encoder_model(plain.model)
+    for module in [*encoder.embeddings.modules(), *encoder.encoder.layer[0].modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    plain.fit()
+    cached = _prepared_trainer(tiny_config(tiny_models[arch], tiny_data, **overrides,
+                                           **{"train.cache_frozen_layers": True}), tmp_path / "cached")
+    assert cached.prefix.depth == 1 and cached.prefix.nbytes > 0
+    lower_calls = []
+    encoder_model(cached.model).encoder.layer[0].register_forward_hook(
+        lambda module, args, out: lower_calls.append(module.training))
+    cached.fit()
+    assert lower_calls and not any(lower_calls), "training must not run the frozen lower layer (evaluation does)"
+    losses = [[r["loss"] for r in t.state.history if r["kind"] == "train"] for t in (plain, cached)]
+    assert len(losses[0]) == len(losses[1]) == 60
+    # Same batches and the same dropout draws in the upper layer: equal up to fp32 rounding.
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    val = [[r["loss"] for r in t.state.history if r["kind"] == "eval"] for t in (plain, cached)]
+    np.testing.assert_allclose(val[1], val[0], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_frozen_layers_need_lora_on_upper_layers_only(tiny_models, tiny_data):
+    with pytest.raises(NewstuneError, match="lora.top_layers"):
+        validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.cache_frozen_layers": True}))
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"lora.top_layers": 3}))
+    with pytest.raises(NewstuneError, match="top_layers=3 but the model has 2 layers"):
+        Trainer(config, Path("unused")).setup()

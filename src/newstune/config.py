@@ -87,6 +87,9 @@ class LoraSettings(_Section):
         None, description="Module names, or shorthand 'qv'/'qkv'/'all'; default by architecture."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    top_layers: int | None = Field(
+        None, ge=1, description="LoRA only in the top N encoder layers (default: every layer)."
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -128,6 +131,9 @@ class TrainSettings(_Section):
     seed: int = 42
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default physical cores.")
     compile: bool = Field(False, description="torch.compile the model (inductor).")
+    cache_frozen_layers: bool = Field(
+        False, description="With lora.top_layers: run the frozen lower layers once per text (without dropout) "
+        "and train on their cached output; exact for a model whose lower layers have no dropout.")
     num_workers: int = Field(0, ge=0)
     log_every_steps: int = Field(20, ge=1)
 
@@ -158,6 +164,16 @@ class RunConfig(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
+    @model_validator(mode="after")
+    def _cache_needs_frozen_lower_layers(self) -> RunConfig:
+        if self.train.cache_frozen_layers:
+            if self.lora.method != "lora" or self.lora.top_layers is None:
+                raise ValueError("train.cache_frozen_layers needs lora.method 'lora' with lora.top_layers set "
+                                 "(e.g. 2), so that the lower layers stay frozen")
+            if self.train.compile:
+                raise ValueError("train.cache_frozen_layers and train.compile cannot be combined; pick one")
+        return self
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -166,6 +182,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown config key '{where}' (check spelling; see recipes/ for valid keys)"
     if first["type"] == "missing":
         return f"{source}: missing config key '{where}'"
+    if first["type"] == "value_error" and not first["loc"]:
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     return f"{source}: bad value for '{where}': {first['msg']} (got {first.get('input')!r})"
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,10 +190,21 @@ def build_model(model_settings: ModelSettings, lora: LoraSettings, label_names: 
     return LoadedModel(model, tokenizer, path, model_type, head)
 
 
+def lora_layers(model: PreTrainedModel, top_layers: int | None) -> list[int] | None:
+    """Indices of the encoder layers that get LoRA: the top `top_layers`, or None for all."""
+    if top_layers is None:
+        return None
+    count = model.config.num_hidden_layers
+    if top_layers > count:
+        raise NewstuneError(f"lora.top_layers={top_layers} but the model has {count} layers; use 1..{count}")
+    return list(range(count - top_layers, count))
+
+
 def apply_lora(model: PreTrainedModel, model_type: str, lora: LoraSettings, head: list[str]) -> PeftModel:
     targets = target_modules(model_type, lora)
     peft_config = LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=targets, bias=lora.bias, modules_to_save=head)
+                             target_modules=targets, bias=lora.bias, modules_to_save=head,
+                             layers_to_transform=lora_layers(model, lora.top_layers))
     try:
         return get_peft_model(model, peft_config)
     except ValueError as err:
@@ -249,6 +261,112 @@ def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
         return model.merge_and_unload()
     return model
 
+
+
+# ---------------------------------------------------------------- frozen lower layers, computed once
+
+
+class CachedStates(torch.nn.Module):
+    """Stands in for the embeddings during a cached forward: returns the batch's stored lower-layer output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.states
+
+
+class FrozenPrefix:
+    """The output of the embeddings + the frozen lower encoder layers, computed once per text.
+
+    Training then runs only the upper layers on the stored states. Exact when those lower layers would run
+    without dropout (they run in eval mode here), up to the storage dtype (bf16 in bf16 runs).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.encoder_model = encoder_model(model)
+        self.depth = frozen_depth(self.encoder_model)
+        self.stub = CachedStates()
+        self.flat: torch.Tensor | None = None
+        self.offsets: list[int] = []
+
+    @torch.no_grad()
+    def compute(self, input_ids: list[list[int]], pad_token_id: int, precision: str, device: str,
+                batch_size: int = 64, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        from newstune.data.batching import Collator, sorted_batches
+
+        storage = torch.bfloat16 if precision == "bf16" else torch.float32
+        lengths = [len(ids) for ids in input_ids]
+        self.offsets = [0]
+        for n in lengths:
+            self.offsets.append(self.offsets[-1] + n)
+        self.flat = torch.empty((self.offsets[-1], self.encoder_model.config.hidden_size), dtype=storage)
+        collate, was_training = Collator(pad_token_id), self.encoder_model.training
+        self.encoder_model.eval()
+        layers = self.encoder_model.encoder.layer
+        self.encoder_model.encoder.layer = layers[: self.depth]
+        try:
+            for indices in tqdm(sorted_batches(lengths, batch_size), desc=f"cache layers 0-{self.depth - 1}",
+                                unit="batch", disable=not progress, leave=False):
+                batch = collate([{"input_ids": input_ids[i]} for i in indices])
+                with autocast_for(precision, device):
+                    out = self.encoder_model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+                for row, i in enumerate(indices):
+                    self.flat[self.offsets[i]: self.offsets[i + 1]] = out[row, : lengths[i]].to("cpu", storage)
+        finally:
+            self.encoder_model.encoder.layer = layers
+            self.encoder_model.train(was_training)
+
+    def states(self, indices: list[int], width: int, device: str) -> torch.Tensor:
+        """The stored states of these texts, zero-padded to `width` (padding is masked out anyway)."""
+        out = torch.zeros((len(indices), width, self.flat.shape[1]), dtype=self.flat.dtype)
+        for row, i in enumerate(indices):
+            out[row, : self.offsets[i + 1] - self.offsets[i]] = self.flat[self.offsets[i]: self.offsets[i + 1]]
+        return out.to(device)
+
+    @contextmanager
+    def upper_layers_only(self, states: torch.Tensor):
+        """During this block the model's forward skips the embeddings and lower layers and starts from `states`."""
+        model, layers, embeddings = self.encoder_model, self.encoder_model.encoder.layer, self.encoder_model.embeddings
+        self.stub.states = states
+        model.embeddings, model.encoder.layer = self.stub, layers[self.depth:]
+        try:
+            yield
+        finally:
+            model.embeddings, model.encoder.layer = embeddings, layers
+            self.stub.states = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
+
+
+def encoder_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The bare encoder (BertModel, RobertaModel, MPNetModel, ...) inside a PEFT/task model."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    encoder = getattr(inner, "base_model", inner)
+    if not (hasattr(encoder, "embeddings") and hasattr(getattr(encoder, "encoder", None), "layer")):
+        raise NewstuneError(f"train.cache_frozen_layers supports encoders with embeddings + encoder.layer "
+                            f"(BERT, RoBERTa, MPNet, ...), not {type(encoder).__name__}; set it to false")
+    return encoder
+
+
+def frozen_depth(encoder: PreTrainedModel) -> int:
+    """How many lower layers hold no trainable parameter (the embeddings must be frozen too)."""
+    if any(p.requires_grad for p in encoder.embeddings.parameters()):
+        raise NewstuneError("train.cache_frozen_layers: the embeddings are trainable; use lora.method 'lora'")
+    depth = 0
+    for layer in encoder.encoder.layer:
+        if any(p.requires_grad for p in layer.parameters()):
+            break
+        depth += 1
+    if depth == 0 or depth == len(encoder.encoder.layer):
+        raise NewstuneError(f"train.cache_frozen_layers: {depth} of {len(encoder.encoder.layer)} layers are frozen;"
+                            " set lora.top_layers below the layer count (e.g. 2)")
+    return depth
 
 
 # ---------------------------------------------------------------- inference

@@ -28,6 +28,7 @@ from newstune.data.registry import DatasetBundle, load_dataset
 from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
 from newstune.model import (
+    FrozenPrefix,
     build_model,
     cache_dir,
     count_parameters,
@@ -177,12 +178,25 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.train_loader, self.scheduler)
         self.loss_fn.to(self.accelerator.device)
+        self.prefix = self._frozen_prefix() if cfg.cache_frozen_layers else None
         if self.resume:
             self._load_checkpoint()
 
+    def _frozen_prefix(self) -> FrozenPrefix:
+        """Lower-layer states of every training text, computed once (the time counts as training time)."""
+        start = time.perf_counter()
+        prefix = FrozenPrefix(self.accelerator.unwrap_model(self.model))
+        prefix.compute(self.encoded["train"], self.tokenizer.pad_token_id, self.precision, self.device,
+                       self.config.train.eval_batch_size, progress=self.accelerator.is_main_process)
+        self.prefix_seconds = self._add_time(start)
+        log.info("cached layers 0-%d of %d texts: %.0f MB in %.1f s", prefix.depth - 1, len(self.encoded["train"]),
+                 prefix.nbytes / 2**20, self.prefix_seconds)
+        return prefix
+
     def _train_loader(self) -> DataLoader:
         cfg = self.config.train
-        train = EncodedDataset(self.encoded["train"], self.bundle.splits["train"].labels)
+        train = EncodedDataset(self.encoded["train"], self.bundle.splits["train"].labels,
+                               with_index=cfg.cache_frozen_layers)
         sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
         return DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
                           num_workers=cfg.num_workers)
@@ -327,8 +341,7 @@ class Trainer:
         for batch in self._batches(loader):
             with self.accelerator.accumulate(self.model):
                 labels = batch.pop("labels")
-                logits = self.model(**batch).logits
-                loss = self.loss_fn(logits.float(), labels)
+                loss = self.loss_fn(self._forward(batch).float(), labels)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -364,6 +377,15 @@ class Trainer:
                 break
         self.state.epoch_seconds.append(self._add_time(start))
         return True
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training logits; with a frozen-prefix cache only the upper layers run, from the stored states."""
+        indices = batch.pop("index", None)
+        if self.prefix is None:
+            return self.model(**batch).logits
+        states = self.prefix.states(indices.tolist(), batch["input_ids"].shape[1], self.accelerator.device)
+        with self.prefix.upper_layers_only(states):
+            return self.model(**batch).logits
 
     def _batches(self, loader: DataLoader):
         """The loader's batches; a mid-epoch resume restores the RNG after the loader's own first draw."""
@@ -450,6 +472,10 @@ class Trainer:
             "latency_ms_median": median_latency_ms(model, self.encoded[eval_split][:50], self.tokenizer.pad_token_id,
                                                    self.precision, self.device, self.config.eval.latency_samples),
         }
+        if self.prefix is not None:
+            figures["cached_layers"] = self.prefix.depth
+            figures["cache_mb"] = self.prefix.nbytes / 2**20
+            figures["cache_seconds"] = self.prefix_seconds
         if self.device == "cuda":
             figures["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return figures

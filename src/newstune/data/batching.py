@@ -45,9 +45,10 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache: Path | N
 
 
 class EncodedDataset(Dataset):
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None = None) -> None:
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | None = None, with_index: bool = False) -> None:
         self.input_ids = input_ids
         self.labels = labels
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -56,6 +57,8 @@ class EncodedDataset(Dataset):
         item = {"input_ids": self.input_ids[index]}
         if self.labels is not None:
             item["labels"] = self.labels[index]
+        if self.with_index:
+            item["index"] = index
         return item
 
     @property
@@ -80,8 +83,9 @@ class Collator:
             input_ids[row, :n] = torch.tensor(item["input_ids"])
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "labels" in items[0]:
-            batch["labels"] = torch.tensor([item["labels"] for item in items])
+        for key in ("labels", "index"):
+            if key in items[0]:
+                batch[key] = torch.tensor([item[key] for item in items])
         return batch
 
 
