@@ -24,9 +24,10 @@ from common import SHARED_DATA, machine, markdown_table, write_results  # noqa: 
 from newstune.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
 from newstune.train import peak_rss_mb  # noqa: E402
 
-MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000},
-         "full": {"model": "mpnet", "rows": 2000, "eval_rows": 1000}}
+MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000, "top_layers": 2},
+         "full": {"model": "mpnet", "rows": 1000, "eval_rows": 500, "top_layers": 4}}
 LORA = {"r": 4, "alpha": 16, "dropout": 0.1, "targets": "qv"}
+CONTENDERS = ["hf-seed", "hf-expert", "newstune", "newstune-cached"]
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 
@@ -87,6 +88,7 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path) -> dict:
     prediction = trainer.predict(test)
     eval_seconds = time.perf_counter() - start
     preds = np.asarray(prediction.predictions).argmax(1)
+    predicted = np.bincount(preds, minlength=len(bundle.label_names)).tolist()
     real_tokens = sum(sum(mask) for mask in train["attention_mask"])
     computed = sum(len(ids) for ids in train["input_ids"])
     del torch
@@ -94,10 +96,11 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path) -> dict:
             "samples": len(train), "accuracy": float(accuracy_score(test["label"], preds)),
             "macro_f1": float(f1_score(test["label"], preds, average="macro")),
             "eval_samples_per_s": len(test) / eval_seconds, "lengths": [int(sum(m)) for m in train["attention_mask"]],
-            "model_config": model.config.to_dict()}
+            "predicted_counts": predicted, "model_config": model.config.to_dict()}
 
 
-def run_newstune(model_name: str, bundle, out: Path) -> dict:
+def run_newstune(model_name: str, bundle, out: Path, top_layers: int | None = None) -> dict:
+    """newstune's defaults; with top_layers, LoRA only there and the frozen lower layers cached (other work)."""
     from transformers import AutoConfig
 
     from newstune.config import validate
@@ -108,10 +111,11 @@ def run_newstune(model_name: str, bundle, out: Path) -> dict:
         "name": "bench", "data": {"name": "ag_news", "max_length": HYPER["max_length"]},
         "model": {"name": model_name},
         "lora": {"method": "lora", "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
-                 "target_modules": LORA["targets"]},
+                 "target_modules": LORA["targets"], "top_layers": top_layers},
         "train": {"epochs": HYPER["epochs"], "batch_size": HYPER["batch_size"], "lr": HYPER["lr"],
                   "weight_decay": HYPER["weight_decay"], "scheduler": "cosine", "precision": "bf16",
-                  "seed": HYPER["seed"], "eval_every_epoch": False, "warmup_ratio": 0.0},
+                  "seed": HYPER["seed"], "eval_every_epoch": False, "warmup_ratio": 0.0,
+                  "cache_frozen_layers": top_layers is not None},
         "eval": {"latency_samples": 0}})
     run_dir, metrics = train(config, out / "newstune", bundle=bundle)
     eff = metrics["efficiency"]
@@ -122,6 +126,8 @@ def run_newstune(model_name: str, bundle, out: Path) -> dict:
             "computed_tokens": int(sum(lengths) / max(1 - eff["padding_fraction"], 1e-9)),
             "samples": len(lengths), "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
             "eval_samples_per_s": eff["eval_samples_per_s"], "lengths": lengths,
+            "predicted_counts": [sum(col) for col in zip(*metrics["test"]["confusion_matrix"])],
+            "cached_layers": eff.get("cached_layers", 0), "cache_seconds": eff.get("cache_seconds", 0.0),
             "model_config": AutoConfig.from_pretrained(resolve_model_path(model_name)).to_dict()}
 
 
@@ -131,8 +137,9 @@ def contender_main(args: argparse.Namespace) -> None:
     mode = MODES[args.mode]
     bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])
     with tempfile.TemporaryDirectory() as tmp:
-        if args.contender == "newstune":
-            result = run_newstune(mode["model"], bundle, Path(tmp))
+        if args.contender.startswith("newstune"):
+            top = mode["top_layers"] if args.contender == "newstune-cached" else None
+            result = run_newstune(mode["model"], bundle, Path(tmp), top)
         else:
             result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp))
     result["peak_rss_mb"] = peak_rss_mb()
@@ -149,19 +156,19 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
     config = AutoConfig.for_model(**{k: v for k, v in first["model_config"].items()
                                      if k in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size")})
     seconds = statistics.median(r["train_seconds"] for r in runs)
-    flops = analytic_train_flops(config, first["lengths"])
+    flops = analytic_train_flops(config, first["lengths"], cached_layers=first.get("cached_layers", 0))
     return {"contender": name, "train_seconds": seconds, "tokens_per_s": first["tokens"] / seconds,
             "samples_per_s": first["samples"] / seconds,
             "padding_fraction": 1 - first["tokens"] / max(first["computed_tokens"], 1),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "accuracy": first["accuracy"],
-            "macro_f1": first["macro_f1"],
+            "macro_f1": first["macro_f1"], "predicted_counts": first["predicted_counts"],
             "eval_samples_per_s": statistics.median(r["eval_samples_per_s"] for r in runs),
             "mfu": flops / seconds / (peak_tflops * 1e12), "repeats": len(runs),
             "all_train_seconds": [r["train_seconds"] for r in runs]}
 
 
 def driver_main(args: argparse.Namespace) -> None:
-    contenders = ["hf-seed", "hf-expert", "newstune"]
+    contenders = CONTENDERS
     order = [c for i in range(args.repeats) for c in (contenders if i % 2 == 0 else contenders[::-1])]
     peak_before = matmul_peak_tflops()
     results: dict[str, list[dict]] = {c: [] for c in contenders}
@@ -176,11 +183,14 @@ def driver_main(args: argparse.Namespace) -> None:
     peak = max(peak_before, matmul_peak_tflops())
     rows = [summarise(c, results[c], peak) for c in contenders]
     by_name = {r["contender"]: r for r in rows}
-    ours, expert, seed = by_name["newstune"], by_name["hf-expert"], by_name["hf-seed"]
+    ours, cached = by_name["newstune"], by_name["newstune-cached"]
+    expert, seed = by_name["hf-expert"], by_name["hf-seed"]
     ratios = {"newstune_vs_hf_expert_tokens": ours["tokens_per_s"] / expert["tokens_per_s"],
               "newstune_vs_hf_seed_tokens": ours["tokens_per_s"] / seed["tokens_per_s"],
               "newstune_vs_hf_expert_rss": ours["peak_rss_mb"] / expert["peak_rss_mb"],
-              "newstune_vs_hf_eval_throughput": ours["eval_samples_per_s"] / expert["eval_samples_per_s"]}
+              "newstune_vs_hf_eval_throughput": ours["eval_samples_per_s"] / expert["eval_samples_per_s"],
+              "newstune_cached_vs_hf_expert_tokens": cached["tokens_per_s"] / expert["tokens_per_s"],
+              "newstune_cached_vs_hf_seed_tokens": cached["tokens_per_s"] / seed["tokens_per_s"]}
     table = markdown_table(rows, [("contender", "contender"), ("train_seconds", "train s"),
                                   ("tokens_per_s", "tokens/s (non-pad)"), ("samples_per_s", "samples/s"),
                                   ("padding_fraction", "padding"), ("peak_rss_mb", "peak RSS MB"),
@@ -188,6 +198,8 @@ def driver_main(args: argparse.Namespace) -> None:
                                   ("eval_samples_per_s", "eval samples/s"), ("mfu", "MFU (bf16)")])
     table += "\n\n" + " | ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
     table += f"\n\nbf16 matmul peak measured in this run: {peak:.2f} TFLOP/s"
+    table += "\n\npredicted class counts on the test rows: " + "; ".join(
+        f"{r['contender']} {r['predicted_counts']}" for r in rows)
     write_results(Path(args.out), f"train_speed_{args.mode}", {"machine": machine(), "mode": args.mode,
                   "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
                   "order": order}, table)
@@ -199,7 +211,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="training rows (default by mode)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of A B C / C B A")
     parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--contender", choices=["hf-seed", "hf-expert", "newstune"], help=argparse.SUPPRESS)
+    parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     contender_main(args) if args.contender else driver_main(args)

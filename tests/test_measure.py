@@ -36,6 +36,8 @@ def test_analytic_flops_scale_with_tokens():
     assert analytic_train_flops(config, [10], full_finetune=True) == pytest.approx(1.5 * one)
     linear = 2 * (4 * 64 * 64 + 2 * 64 * 256)
     assert one == 2 * (2 * linear * 10 + 4 * 2 * 100 * 64)
+    # one of two layers cached: it runs forward only (1 of the 2 units the other layer costs)
+    assert analytic_train_flops(config, [10], cached_layers=1) == pytest.approx(0.75 * one)
 
 
 def recipe_file(tmp_path, tiny_models, tiny_data, **overrides):

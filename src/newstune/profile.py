@@ -52,13 +52,13 @@ def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 2048, se
     return best / 1e12
 
 
-def analytic_train_flops(config, lengths: list[int], full_finetune: bool = False) -> float:
+def analytic_train_flops(config, lengths: list[int], full_finetune: bool = False, cached_layers: int = 0) -> float:
     """Forward FLOPs: 2 x encoder linear parameters per token, plus 4 x l x hidden per token per layer (attention).
-    Backward through frozen weights costs one forward more (input gradients); full fine-tuning two more."""
+    Backward through frozen weights costs one forward more (input gradients); full fine-tuning two more.
+    `cached_layers` lower layers run forward only, once (train.cache_frozen_layers)."""
     hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    linear_params = layers * (4 * hidden * hidden + 2 * hidden * inter)
-    forward = sum(2 * linear_params * n + 4 * layers * n * n * hidden for n in lengths)
-    return forward * (3 if full_finetune else 2)
+    per_layer = sum(2 * (4 * hidden * hidden + 2 * hidden * inter) * n + 4 * n * n * hidden for n in lengths)
+    return per_layer * (cached_layers + (layers - cached_layers) * (3 if full_finetune else 2))
 
 
 def _phase(event) -> str | None:
@@ -83,7 +83,7 @@ def profiled_steps(trainer, steps: int, warmup: int) -> tuple[torch.profiler.pro
             batch = next(batches)
         labels = batch.pop("labels")
         with record_function("newstune::forward"):
-            loss = loss_fn(model(**batch).logits.float(), labels)
+            loss = loss_fn(trainer.forward_logits(batch).float(), labels)
         with record_function("newstune::backward"):
             trainer.accelerator.backward(loss)
         with record_function("newstune::optimizer"):
@@ -151,6 +151,8 @@ def profile_run(config, steps: int, warmup: int, out_dir: Path) -> dict:
         else torch.float32
     peak = matmul_peak_tflops(dtype)
     flops = analytic_train_flops(model_config, lengths, config.lora.method == "full")
+    if trainer.prefix is not None:  # the cached lower layers do not run in a training step
+        flops *= 1 - trainer.prefix.depth / model_config.num_hidden_layers
     result = {"model": config.model.name, "method": config.lora.method, "precision": trainer.precision,
               "frozen_weights_dtype": trainer.frozen_dtype, "steps": steps, "warmup": warmup,
               "batch_size": config.train.batch_size, "tokens": sum(lengths), "wall_seconds": seconds,

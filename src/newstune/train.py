@@ -341,7 +341,7 @@ class Trainer:
         for batch in self._batches(loader):
             with self.accelerator.accumulate(self.model):
                 labels = batch.pop("labels")
-                loss = self.loss_fn(self._forward(batch).float(), labels)
+                loss = self.loss_fn(self.forward_logits(batch).float(), labels)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -378,7 +378,7 @@ class Trainer:
         self.state.epoch_seconds.append(self._add_time(start))
         return True
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training logits; with a frozen-prefix cache only the upper layers run, from the stored states."""
         indices = batch.pop("index", None)
         if self.prefix is None:
