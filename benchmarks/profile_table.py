@@ -19,8 +19,9 @@ def main() -> None:
         share = p["category_share"]
         phase = p["phase_ms"]
         top = p["top_ops"][0]
+        cached = f" (layers 0-{p['cached_layers'] - 1} cached)" if p.get("cached_layers") else ""
         lines.append(
-            f"| {p['model']} {p['method']} {p['precision']} | {p['tokens_per_s']:,.0f} | {p['mfu']:.1%} | "
+            f"| {p['model']} {p['method']} {p['precision']}{cached} | {p['tokens_per_s']:,.0f} | {p['mfu']:.1%} | "
             + " | ".join(f"{share[c]:.0%}" for c in ("gemm", "attention", "norm_elementwise", "optimizer", "data",
                                                       "other"))
             + f" | {phase['forward']:,.0f} | {phase['backward']:,.0f} | {phase['optimizer']:,.0f} | "

@@ -43,7 +43,7 @@ def load_rows(rows: int, eval_rows: int):
 # ---------------------------------------------------------------- contenders (each runs in a subprocess)
 
 
-def run_hf(expert: bool, model_path: str, bundle, out: Path) -> dict:
+def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int) -> dict:
     import numpy as np
     import torch
     from datasets import Dataset
@@ -77,7 +77,7 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path) -> dict:
         output_dir=str(out / "hf"), per_device_train_batch_size=HYPER["batch_size"], per_device_eval_batch_size=64,
         learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], lr_scheduler_type="cosine",
         num_train_epochs=HYPER["epochs"], bf16=True, use_cpu=True, save_strategy="no", report_to=[],
-        logging_steps=50, seed=HYPER["seed"], dataloader_num_workers=0,
+        logging_steps=50, seed=seed, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if expert else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                       data_collator=DataCollatorWithPadding(tokenizer) if expert else None)
@@ -88,18 +88,21 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path) -> dict:
     prediction = trainer.predict(test)
     eval_seconds = time.perf_counter() - start
     preds = np.asarray(prediction.predictions).argmax(1)
+    # With group_by_length the Trainer also length-groups the evaluation set: predictions come back in that
+    # order, so score them against prediction.label_ids (same order), not the dataset's label column.
+    gold = np.asarray(prediction.label_ids)
     predicted = np.bincount(preds, minlength=len(bundle.label_names)).tolist()
     real_tokens = sum(sum(mask) for mask in train["attention_mask"])
     computed = sum(len(ids) for ids in train["input_ids"])
     del torch
     return {"train_seconds": seconds, "tokens": int(real_tokens), "computed_tokens": int(computed),
-            "samples": len(train), "accuracy": float(accuracy_score(test["label"], preds)),
-            "macro_f1": float(f1_score(test["label"], preds, average="macro")),
+            "samples": len(train), "accuracy": float(accuracy_score(gold, preds)),
+            "macro_f1": float(f1_score(gold, preds, average="macro")),
             "eval_samples_per_s": len(test) / eval_seconds, "lengths": [int(sum(m)) for m in train["attention_mask"]],
             "predicted_counts": predicted, "model_config": model.config.to_dict()}
 
 
-def run_newstune(model_name: str, bundle, out: Path, top_layers: int | None = None) -> dict:
+def run_newstune(model_name: str, bundle, out: Path, seed: int, top_layers: int | None = None) -> dict:
     """newstune's defaults; with top_layers, LoRA only there and the frozen lower layers cached (other work)."""
     from transformers import AutoConfig
 
@@ -114,7 +117,7 @@ def run_newstune(model_name: str, bundle, out: Path, top_layers: int | None = No
                  "target_modules": LORA["targets"], "top_layers": top_layers},
         "train": {"epochs": HYPER["epochs"], "batch_size": HYPER["batch_size"], "lr": HYPER["lr"],
                   "weight_decay": HYPER["weight_decay"], "scheduler": "cosine", "precision": "bf16",
-                  "seed": HYPER["seed"], "eval_every_epoch": False, "warmup_ratio": 0.0,
+                  "seed": seed, "eval_every_epoch": False, "warmup_ratio": 0.0,
                   "cache_frozen_layers": top_layers is not None},
         "eval": {"latency_samples": 0}})
     run_dir, metrics = train(config, out / "newstune", bundle=bundle)
@@ -139,10 +142,12 @@ def contender_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.contender.startswith("newstune"):
             top = mode["top_layers"] if args.contender == "newstune-cached" else None
-            result = run_newstune(mode["model"], bundle, Path(tmp), top)
+            result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, top)
         else:
-            result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp))
+            result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp),
+                            args.seed)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["seed"] = args.seed
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -160,8 +165,11 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
     return {"contender": name, "train_seconds": seconds, "tokens_per_s": first["tokens"] / seconds,
             "samples_per_s": first["samples"] / seconds,
             "padding_fraction": 1 - first["tokens"] / max(first["computed_tokens"], 1),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "accuracy": first["accuracy"],
-            "macro_f1": first["macro_f1"], "predicted_counts": first["predicted_counts"],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "accuracy": statistics.mean(r["accuracy"] for r in runs),
+            "macro_f1": statistics.mean(r["macro_f1"] for r in runs),
+            "accuracy_by_seed": {r["seed"]: r["accuracy"] for r in runs},
+            "predicted_counts": [r["predicted_counts"] for r in runs],
             "eval_samples_per_s": statistics.median(r["eval_samples_per_s"] for r in runs),
             "mfu": flops / seconds / (peak_tflops * 1e12), "repeats": len(runs),
             "all_train_seconds": [r["train_seconds"] for r in runs]}
@@ -169,15 +177,16 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
 
 def driver_main(args: argparse.Namespace) -> None:
     contenders = CONTENDERS
-    order = [c for i in range(args.repeats) for c in (contenders if i % 2 == 0 else contenders[::-1])]
+    # Round i trains every contender with seed 42 + i: accuracies are means over seeds (one short epoch is noisy).
+    order = [(c, 42 + i) for i in range(args.repeats) for c in (contenders if i % 2 == 0 else contenders[::-1])]
     peak_before = matmul_peak_tflops()
     results: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, contender in enumerate(order):
+        for i, (contender, seed) in enumerate(order):
             result_file = Path(tmp) / f"{i}.json"
-            command = [sys.executable, __file__, "--mode", args.mode, "--contender", contender,
+            command = [sys.executable, __file__, "--mode", args.mode, "--contender", contender, "--seed", str(seed),
                        "--result", str(result_file), *(["--rows", str(args.rows)] if args.rows else [])]
-            print(f"[{i + 1}/{len(order)}] {contender}", flush=True)
+            print(f"[{i + 1}/{len(order)}] {contender} seed {seed}", flush=True)
             subprocess.run(command, check=True)
             results[contender].append(json.loads(result_file.read_text()))
     peak = max(peak_before, matmul_peak_tflops())
@@ -198,8 +207,8 @@ def driver_main(args: argparse.Namespace) -> None:
                                   ("eval_samples_per_s", "eval samples/s"), ("mfu", "MFU (bf16)")])
     table += "\n\n" + " | ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
     table += f"\n\nbf16 matmul peak measured in this run: {peak:.2f} TFLOP/s"
-    table += "\n\npredicted class counts on the test rows: " + "; ".join(
-        f"{r['contender']} {r['predicted_counts']}" for r in rows)
+    table += "\n\naccuracy by seed: " + "; ".join(
+        f"{r['contender']} " + ", ".join(f"{s}: {a:.3f}" for s, a in r["accuracy_by_seed"].items()) for r in rows)
     write_results(Path(args.out), f"train_speed_{args.mode}", {"machine": machine(), "mode": args.mode,
                   "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
                   "order": order}, table)
@@ -213,6 +222,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results")
     parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=HYPER["seed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     contender_main(args) if args.contender else driver_main(args)
 

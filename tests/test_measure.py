@@ -104,12 +104,15 @@ def test_sweep_budget_interrupt_and_resume(tiny_models, tiny_data, tmp_path, mon
                for d in trial_runs)
 
 
-def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path):
+@pytest.mark.parametrize("cached", [False, True])
+def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path, cached):
     from newstune.config import validate
     from newstune.profile import CATEGORIES, profile_run
 
-    config = validate(tiny_config(tiny_models["bert"], tiny_data))
+    overrides = {"lora.top_layers": 1, "train.cache_frozen_layers": True} if cached else {}
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **overrides))
     result = profile_run(config, steps=3, warmup=1, out_dir=tmp_path / "prof")
+    assert result["cached_layers"] == (1 if cached else 0)
     assert (tmp_path / "prof" / "trace.json").is_file() and (tmp_path / "prof" / "profile.json").is_file()
     assert set(result["category_share"]) == set(CATEGORIES)
     assert sum(result["category_share"].values()) == pytest.approx(1.0)

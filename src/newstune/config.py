@@ -124,6 +124,8 @@ class TrainSettings(_Section):
         True, description="LoRA + bf16: hold frozen base weights in bf16 once instead of re-casting each step."
     )
     group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
+    fast_dropout: bool = Field(True, description="CPU: dropout masks from 16-bit random slices (~3x faster "
+                               "mask generation; p exact to 1/65536). GPUs keep torch's fused dropout.")
     eval_every_epoch: bool = True
     metric: Literal["accuracy", "macro_f1", "loss"] = Field("macro_f1", description="Model selection metric.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Evaluations without improvement.")

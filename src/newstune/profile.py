@@ -154,7 +154,8 @@ def profile_run(config, steps: int, warmup: int, out_dir: Path) -> dict:
     if trainer.prefix is not None:  # the cached lower layers do not run in a training step
         flops *= 1 - trainer.prefix.depth / model_config.num_hidden_layers
     result = {"model": config.model.name, "method": config.lora.method, "precision": trainer.precision,
-              "frozen_weights_dtype": trainer.frozen_dtype, "steps": steps, "warmup": warmup,
+              "frozen_weights_dtype": trainer.frozen_dtype, "steps": steps,
+              "cached_layers": trainer.prefix.depth if trainer.prefix is not None else 0, "warmup": warmup,
               "batch_size": config.train.batch_size, "tokens": sum(lengths), "wall_seconds": seconds,
               "tokens_per_s": sum(lengths) / seconds, "matmul_peak_tflops": peak,
               "achieved_tflops": flops / seconds / 1e12, "mfu": flops / seconds / (peak * 1e12),

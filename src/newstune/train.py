@@ -37,6 +37,7 @@ from newstune.model import (
     median_latency_ms,
     predict_logits,
     save_model,
+    use_fast_dropout,
 )
 from newstune.run import MODEL_DIR, new_run_dir, read_config, read_labels, write_metrics, write_run_header
 
@@ -164,6 +165,9 @@ class Trainer:
         if self.config.lora.method == "lora" and self.precision == "bf16" and cfg.bf16_frozen_weights:
             hold_frozen_in(self.model, torch.bfloat16)
             self.frozen_dtype = "bf16"
+        self.fast_dropout = cfg.fast_dropout and self.device == "cpu"
+        if self.fast_dropout:
+            use_fast_dropout(self.model)
         self.encoded = {split: tokenize_texts(self.tokenizer, part.texts, self.config.data.max_length,
                                               cache_dir() / "tokens") for split, part in self.bundle.splits.items()}
         self.train_loader = self._train_loader()
@@ -458,6 +462,7 @@ class Trainer:
         n_eval = len(self.encoded[eval_split])
         figures = {
             "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
+            "fast_dropout": self.fast_dropout,
             "threads": self.threads, "num_processes": self.accelerator.num_processes,
             "epochs_run": len(s.epoch_seconds), "optimizer_steps": s.global_step,
             "train_seconds": s.train_seconds,
