@@ -1,10 +1,13 @@
 """newstune vs Hugging Face Trainer + PEFT on identical LoRA work, alternating contenders in one run.
 
-    python benchmarks/train_speed.py --mode quick     # MiniLM, 2,000 AG News rows, ~6 minutes on 2 cores
-    python benchmarks/train_speed.py --mode full      # MPNet-base (newstune models install mpnet), ~30 minutes
+    python benchmarks/train_speed.py --mode quick     # MiniLM, 2,000 AG News rows, ~15 minutes on 2 cores
+    python benchmarks/train_speed.py --mode full      # MPNet-base, 1,000 rows (newstune models install mpnet), ~25 min
 
-Each contender trains in its own subprocess (so peak RSS is its own). Reports wall time, non-padding tokens/s,
-samples/s, peak RSS, eval accuracy/macro-F1, eval samples/s, and MFU = analytic FLOPs / measured bf16 matmul peak.
+Contenders: hf-seed, hf-expert, newstune (identical work), and newstune-cached (LoRA only in the top layers with the
+frozen lower layers cached: different work, reported beside the others). Each trains in its own subprocess (so peak
+RSS is its own), in rounds A B C D / D C B A; round i uses seed 42 + i for every contender. Reports the median wall
+time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 averaged over the seeds, eval samples/s, and
+MFU = analytic FLOPs of the work done / the bf16 matmul peak measured in the same run.
 """
 
 from __future__ import annotations
