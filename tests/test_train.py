@@ -215,3 +215,19 @@ def test_fast_dropout_trains_like_torch_dropout(tiny_models, tiny_data, tmp_path
     # the seed-to-seed spread of the final validation loss is ~+-30% (0.23-0.41 over seeds 7-9, either dropout).
     assert fast["validation"]["accuracy"] >= 0.9 and plain["validation"]["accuracy"] >= 0.9
     assert fast["validation"]["loss"] == pytest.approx(plain["validation"]["loss"], rel=0.3)
+
+
+def test_bf16_frozen_weights_follow_the_autocast_loss_curve(tiny_models, tiny_data, tmp_path):
+    overrides = {"train.precision": "bf16", "train.epochs": 1, "train.log_every_steps": 1, "train.fast_dropout": False}
+    held = _prepared_trainer(tiny_config(tiny_models["bert"], tiny_data, **overrides), tmp_path / "held")
+    recast = _prepared_trainer(tiny_config(tiny_models["bert"], tiny_data, **overrides,
+                                           **{"train.bf16_frozen_weights": False}), tmp_path / "recast")
+    assert (held.frozen_dtype, recast.frozen_dtype) == ("bf16", "fp32")
+    for trainer in (held, recast):
+        trainer.fit()
+    losses = [[r["loss"] for r in t.state.history if r["kind"] == "train"] for t in (held, recast)]
+    # The matmuls run in bf16 either way; holding the weights in bf16 also rounds the frozen LayerNorm and embedding
+    # weights (step 1 differs by ~0.3%). Over the first epoch the curves agree within 2%; at this tiny model's high
+    # lr the onset of learning is chaotic, so later steps may drift further apart in either direction.
+    assert len(losses[0]) == 30
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-2)
