@@ -181,7 +181,8 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
 def driver_main(args: argparse.Namespace) -> None:
     contenders = CONTENDERS
     # Round i trains every contender with seed 42 + i: accuracies are means over seeds (one short epoch is noisy).
-    order = [(c, 42 + i) for i in range(args.repeats) for c in (contenders if i % 2 == 0 else contenders[::-1])]
+    order = [(c, HYPER["seed"] + i) for i in range(args.repeats)
+             for c in (contenders if i % 2 == 0 else contenders[::-1])]
     peak_before = matmul_peak_tflops()
     results: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory() as tmp:

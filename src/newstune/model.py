@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,26 +330,19 @@ class FrozenPrefix:
     @torch.no_grad()
     def compute(self, input_ids: list[list[int]], pad_token_id: int, precision: str, device: str,
                 batch_size: int = 64, progress: bool = True) -> None:
-        from tqdm.auto import tqdm
-
-        from newstune.data.batching import Collator, sorted_batches
-
         storage = torch.bfloat16 if precision == "bf16" else torch.float32
         lengths = [len(ids) for ids in input_ids]
-        self.offsets = [0]
-        for n in lengths:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = [0, *itertools.accumulate(lengths)]
         self.flat = torch.empty((self.offsets[-1], self.encoder_model.config.hidden_size), dtype=storage)
-        collate, was_training = Collator(pad_token_id), self.encoder_model.training
+        was_training = self.encoder_model.training
         self.encoder_model.eval()
         layers = self.encoder_model.encoder.layer
         self.encoder_model.encoder.layer = layers[: self.depth]
         try:
-            for indices in tqdm(sorted_batches(lengths, batch_size), desc=f"cache layers 0-{self.depth - 1}",
-                                unit="batch", disable=not progress, leave=False):
-                batch = collate([{"input_ids": input_ids[i]} for i in indices])
+            for indices, batch in inference_batches(input_ids, pad_token_id, batch_size, device,
+                                                    f"cache layers 0-{self.depth - 1}", progress):
                 with autocast_for(precision, device):
-                    out = self.encoder_model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+                    out = self.encoder_model(**batch).last_hidden_state
                 for row, i in enumerate(indices):
                     self.flat[self.offsets[i]: self.offsets[i + 1]] = out[row, : lengths[i]].to("cpu", storage)
         finally:
@@ -411,23 +406,30 @@ def autocast_for(precision: str, device: str) -> torch.autocast:
     return torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, input_ids: list[list[int]], pad_token_id: int, batch_size: int = 64,
-                   precision: str = "fp32", device: str = "cpu", progress: bool = False) -> torch.Tensor:
-    """Logits (fp32, in input order) for pre-tokenized texts, batched longest-first with dynamic padding."""
+def inference_batches(input_ids: list[list[int]], pad_token_id: int, batch_size: int, device: str,
+                      desc: str = "predict", progress: bool = False) -> Iterator[tuple[list[int], dict]]:
+    """Longest-first, dynamically padded batches already on `device`, each with the indices of its texts."""
     from tqdm.auto import tqdm
 
     from newstune.data.batching import Collator, sorted_batches
 
     collate = Collator(pad_token_id)
+    batches = sorted_batches([len(ids) for ids in input_ids], batch_size)
+    for indices in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = collate([{"input_ids": input_ids[i]} for i in indices])
+        yield indices, {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, input_ids: list[list[int]], pad_token_id: int, batch_size: int = 64,
+                   precision: str = "fp32", device: str = "cpu", progress: bool = False) -> torch.Tensor:
+    """Logits (fp32, in input order) for pre-tokenized texts, batched longest-first with dynamic padding."""
     was_training = model.training
     model.eval()
     out: torch.Tensor | None = None
-    batches = sorted_batches([len(ids) for ids in input_ids], batch_size)
-    for indices in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
-        batch = collate([{"input_ids": input_ids[i]} for i in indices])
+    for indices, batch in inference_batches(input_ids, pad_token_id, batch_size, device, progress=progress):
         with autocast_for(precision, device):
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+            logits = model(**batch).logits.float().cpu()
         if out is None:
             out = torch.empty((len(input_ids), logits.shape[1]), dtype=torch.float32)
         out[indices] = logits
