@@ -24,7 +24,7 @@ def main() -> None:
     from newstune.config import DataConfig
     from newstune.data.registry import load_dataset
     from newstune.export import export_merged
-    from newstune.model import predict_logits
+    from newstune.infer import predict_logits
     from newstune.train import resolve_precision
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -60,13 +60,14 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int) -> dict:
         TrainingArguments,
     )
 
-    from newstune.model import ARCH_MODULES
+    from newstune.config import LoraSettings
+    from newstune.model import target_modules
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names))
-    names = ARCH_MODULES[model.config.model_type]
+    targets = target_modules(model, LoraSettings(target_modules="qv"))
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=LORA["r"], lora_alpha=LORA["alpha"],
-                                             lora_dropout=LORA["dropout"], target_modules=[names["q"], names["v"]]))
+                                             lora_dropout=LORA["dropout"], target_modules=targets))
     padding = False if expert else "max_length"
 
     def encode(split):
@@ -110,8 +111,9 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, top_layers: int 
     from transformers import AutoConfig
 
     from newstune.config import validate
-    from newstune.model import load_tokenizer, resolve_model_path
+    from newstune.model import load_tokenizer
     from newstune.train import train
+    from newstune.weights import resolve_model_path
 
     config = validate({
         "name": "bench", "data": {"name": "ag_news", "max_length": HYPER["max_length"]},
@@ -138,7 +140,7 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, top_layers: int 
 
 
 def contender_main(args: argparse.Namespace) -> None:
-    from newstune.model import resolve_model_path
+    from newstune.weights import resolve_model_path
 
     mode = MODES[args.mode]
     bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])

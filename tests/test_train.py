@@ -9,7 +9,9 @@ import torch
 
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.model import FastDropout, encoder_model, predict_logits
+from newstune.fast_dropout import FastDropout
+from newstune.frozen_prefix import encoder_model
+from newstune.infer import predict_logits
 from newstune.report import evaluate_run
 from newstune.run import load_run, write_run_header
 from newstune.train import Trainer, resolve_precision, resume, train

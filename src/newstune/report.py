@@ -12,7 +12,8 @@ from newstune.data.registry import TextSplit, encode_labels, iter_file_rows, loa
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion
-from newstune.model import cache_dir, predict_logits
+from newstune.infer import predict_logits
+from newstune.paths import cache_dir
 from newstune.run import LoadedRun, load_run, read_metrics, write_metrics
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from newstune.evaluate import decide, softmax
-from newstune.model import predict_logits
+from newstune.infer import predict_logits
 from newstune.run import load_run, read_metrics
 
 MAX_TEXTS = 64

@@ -27,18 +27,11 @@ from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchS
 from newstune.data.registry import DatasetBundle, load_dataset
 from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
-from newstune.model import (
-    FrozenPrefix,
-    build_model,
-    cache_dir,
-    count_parameters,
-    directory_size_bytes,
-    hold_frozen_in,
-    median_latency_ms,
-    predict_logits,
-    save_model,
-    use_fast_dropout,
-)
+from newstune.fast_dropout import use_fast_dropout
+from newstune.frozen_prefix import FrozenPrefix
+from newstune.infer import median_latency_ms, predict_logits
+from newstune.model import build_model, count_parameters, directory_size_bytes, hold_frozen_in, save_model
+from newstune.paths import cache_dir
 from newstune.run import MODEL_DIR, new_run_dir, read_config, read_labels, write_metrics, write_run_header
 
 log = logging.getLogger("newstune")
@@ -159,7 +152,7 @@ class Trainer:
         self.bundle = bundle or load_dataset(self.config.data, cfg.seed)
         self.label_names = self.bundle.label_names
         loaded = build_model(self.config.model, self.config.lora, self.label_names)
-        self.model, self.tokenizer, self.model_type = loaded.model, loaded.tokenizer, loaded.model_type
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.parameters = count_parameters(self.model)
         self.frozen_dtype = "fp32"
         if self.config.lora.method == "lora" and self.precision == "bf16" and cfg.bf16_frozen_weights:
@@ -387,7 +380,7 @@ class Trainer:
         indices = batch.pop("index", None)
         if self.prefix is None:
             return self.model(**batch).logits
-        states = self.prefix.states(indices.tolist(), batch["input_ids"].shape[1], self.accelerator.device)
+        states = self.prefix.states(indices.tolist(), batch["attention_mask"], self.accelerator.device)
         with self.prefix.upper_layers_only(states):
             return self.model(**batch).logits
 
