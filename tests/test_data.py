@@ -1,4 +1,11 @@
+import itertools
+import re
+import signal
+from contextlib import contextmanager
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from newstune.config import CleanConfig, DataConfig
 from newstune.data.batching import Collator, LengthGroupedBatchSampler, tokenize_texts
@@ -19,6 +26,78 @@ def test_cleaning_options():
     text = "<p>Wow!!!  “Quoted” — Text</p>"
     assert clean_text(text, CleanConfig(punctuation=True, lowercase=True)) == 'wow! "quoted" - text'
     assert clean_text(text, CleanConfig(html=False)) == "<p>Wow!!! “Quoted” — Text</p>"
+
+
+CLEAN_CONFIGS = [CleanConfig(ag_artifacts=a, html=h, punctuation=p, lowercase=low)
+                 for a, h, p, low in itertools.product([False, True], repeat=4)]
+# Arbitrary text, lone surrogates included, plus runs of the characters the cleaning rules look for.
+PIECES = ["<", ">", "<b>", "&", "#", ";", "&#", "#x", "9" * 8, "0" * 8, "39", "&lt;", "quot;", "\\", "\\n", "!!!",
+          "…", "—", " ", "\t", "\xa0", "\ud800", "\udfff", "A", "İ"]
+ANY_TEXT = st.one_of(
+    st.text(st.one_of(st.characters(codec=None), st.characters(categories=["Cs"]))),
+    st.lists(st.sampled_from(PIECES), max_size=40).map("".join),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=ANY_TEXT, config=st.sampled_from(CLEAN_CONFIGS))
+@example(text="#9999999;", config=CleanConfig())
+@example(text="&#" + "9" * 5000 + ";", config=CleanConfig())
+@example(text="\ud83d lone surrogate", config=CleanConfig(ag_artifacts=False, html=False))
+def test_cleaning_any_text_never_raises_and_leaves_tokenizer_safe_text(text, config):
+    out = clean_text(text, config)
+    out.encode("utf-8")  # raises on a lone surrogate, as tokenizers do
+    assert out == out.strip() and not re.search(r"\s\s", out)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=ANY_TEXT, config=st.sampled_from([c for c in CLEAN_CONFIGS if not (c.html or c.ag_artifacts)]))
+def test_cleaning_is_idempotent_where_nothing_is_decoded(text, config):
+    # Decoding is not idempotent by nature ('&amp;lt;' -> '&lt;' -> '<'), so html and ag_artifacts are left out.
+    once = clean_text(text, config)
+    assert clean_text(once, config) == once
+
+
+@pytest.mark.parametrize("raw, cleaned", [
+    ("x #9999999; y", "x \ufffd y"),  # chr() raised ValueError
+    ("x #99999999999999999999; y", "x \ufffd y"),  # chr() raised OverflowError
+    ("x &#" + "9" * 5000 + "; y", "x \ufffd y"),  # int() of > 4,300 digits raised inside html.unescape
+    ("x &#00000000065; #39;s", "x A 's"),
+    ("a\ud800b", "ab"),
+])
+def test_invalid_code_points_and_surrogates(raw, cleaned):
+    assert clean_text(raw, CleanConfig()) == cleaned
+
+
+@contextmanager
+def fails_after(seconds: float):
+    """Interrupts a runaway (quadratic) regex instead of waiting minutes for it: re matching is interruptible."""
+    def stop(*_):
+        raise AssertionError(f"cleaning took over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("text", [
+    "<" * 1_000_000,  # `<[^>]+>` rescanned to the end from every '<': 200k took 45 s
+    "<a" * 500_000,
+    "<" + "a" * 1_000_000,
+    "&#" * 500_000,
+    "&#" + "9" * 1_000_000 + ";",
+    "#" + "9" * 1_000_000 + ";",
+    "!" * 1_000_000,
+    "\\" * 1_000_000,
+])
+def test_cleaning_is_linear_on_pathological_rows(text):
+    """A catastrophic-regression guard (a 1M-character row in well under 2 s), not a benchmark."""
+    with fails_after(2.0):
+        clean_text(text, CleanConfig(punctuation=True, lowercase=True))
 
 
 def test_liar_textualization_and_credit_history():

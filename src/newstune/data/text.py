@@ -1,4 +1,9 @@
-"""Text cleaning and building input text from structured fields."""
+"""Text cleaning and building input text from structured fields.
+
+Every step is total (no exception on any str) and linear in the text's length: each regex either has a bounded
+body or stops at the next occurrence of its own opening character, so no match attempt rescans text another
+attempt already covered.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,57 @@ import re
 
 from newstune.config import CleanConfig
 
-_TAG = re.compile(r"<[^>]+>")
+# A tag may not contain '<': an attempt starting at one '<' never reads past the next '<', so the attempts over a
+# row of unclosed '<' cover disjoint spans (linear); `<[^>]+>` rescanned to the end of the text from every '<'.
+_TAG = re.compile(r"<[^<>]+>")
+# html.unescape's own entity pattern: it is linear, but int() of a long decimal reference raises ValueError.
+_ENTITY = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+_AG_NUMERIC = re.compile(r"&?#([0-9]+);")
+_AG_NAMED = re.compile(r"&?(quot|amp|lt|gt);")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 _SPACES = re.compile(r"\s+")
 _REPEATED_PUNCT = re.compile(r"([!?.,])\1{2,}")
 _PUNCT_MAP = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "–": "-", "—": "-", "…": "..."})
+_MAX_CODE_POINT_DIGITS = 7  # 0x10FFFF = 1114111: more significant digits can only be an invalid code point
+
+
+def numeric_reference(digits: str, base: int = 10) -> str:
+    """The character of a numeric reference, U+FFFD where it is no valid code point (as html.unescape does)."""
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_CODE_POINT_DIGITS:
+        return "\ufffd"
+    return html.unescape(f"&#{'x' if base == 16 else ''}{significant or '0'};")
+
+
+def _unescape_entity(match: re.Match) -> str:
+    body = match.group(1)
+    if body.startswith(("#x", "#X")):
+        return numeric_reference(body[2:].rstrip(";"), 16)
+    if body.startswith("#"):
+        return numeric_reference(body[1:].rstrip(";"))
+    return html.unescape(match.group(0))
+
+
+def unescape(text: str) -> str:
+    """html.unescape without its ValueError on a decimal reference longer than 4,300 digits."""
+    return _ENTITY.sub(_unescape_entity, text)
 
 
 def fix_ag_artifacts(text: str) -> str:
     """AG News stores entities without '&' ('#39;', 'quot;') and backslash escapes for newlines."""
-    text = re.sub(r"&?#(\d+);", lambda m: chr(int(m.group(1))), text)
-    text = re.sub(r"&?(quot|amp|lt|gt);", lambda m: html.unescape(f"&{m.group(1)};"), text)
+    text = _AG_NUMERIC.sub(lambda m: numeric_reference(m.group(1)), text)
+    text = _AG_NAMED.sub(lambda m: html.unescape(f"&{m.group(1)};"), text)
     text = text.replace("\\$", "$")
     return re.sub(r"\\+n?", " ", text)
 
 
 def clean_text(text: str, config: CleanConfig) -> str:
+    """Cleaned text; lone surrogates (which tokenizers reject) are removed first."""
+    text = _SURROGATES.sub("", text)
     if config.ag_artifacts:
         text = fix_ag_artifacts(text)
     if config.html:
-        text = html.unescape(_TAG.sub(" ", text))
+        text = unescape(_TAG.sub(" ", text))
     if config.punctuation:
         text = _REPEATED_PUNCT.sub(r"\1", text.translate(_PUNCT_MAP))
     if config.lowercase:
