@@ -29,12 +29,13 @@ def inference_batches(input_ids: list[list[int]], pad_token_id: int, batch_size:
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, input_ids: list[list[int]], pad_token_id: int, batch_size: int = 64,
-                   precision: str = "fp32", device: str = "cpu", progress: bool = False) -> torch.Tensor:
+                   precision: str = "fp32", device: str = "cpu", progress: bool = False,
+                   desc: str = "predict") -> torch.Tensor:
     """Logits (fp32, in input order) for pre-tokenized texts, batched longest-first with dynamic padding."""
     was_training = model.training
     model.eval()
     out: torch.Tensor | None = None
-    for indices, batch in inference_batches(input_ids, pad_token_id, batch_size, device, progress=progress):
+    for indices, batch in inference_batches(input_ids, pad_token_id, batch_size, device, desc, progress):
         with autocast_for(precision, device):
             logits = model(**batch).logits.float().cpu()
         if out is None:

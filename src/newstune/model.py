@@ -100,6 +100,25 @@ def lora_layers(model: PreTrainedModel, top_layers: int | None) -> list[int]:
     return list(range(count - (top_layers or count), count))
 
 
+# Architectures whose position ids start after the padding index, so two positions are never used by text.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in PADDING_OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def check_max_length(model: PreTrainedModel, max_length: int) -> None:
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise NewstuneError(f"data.max_length {max_length} is longer than this {model.config.model_type} model's "
+                            f"{limit} positions; set data.max_length to at most {limit}")
+
+
 def new_head_modules(model: PreTrainedModel, missing_keys: list[str]) -> list[str]:
     """Modules whose weights were freshly initialised (the head): always trained and saved with the adapter."""
     prefixes = {key.rsplit(".", 1)[0] for key in missing_keys}

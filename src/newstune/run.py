@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +20,36 @@ METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
 
 
-def new_run_dir(config: RunConfig, output_dir: Path | None = None) -> Path:
-    """runs/<name>-<timestamp>, or exactly output_dir; never an existing folder (results are never overwritten)."""
-    if output_dir is None:
-        output_dir = config.output_dir / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if output_dir.exists():
-        raise NewstuneError(f"output directory {output_dir} already exists; choose another --output-dir "
+def planned_run_dir(config: RunConfig, output_dir: Path | None = None) -> Path:
+    """runs/<name>-<timestamp>, or exactly output_dir."""
+    return output_dir or config.output_dir / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_new_run_dir(path: Path) -> None:
+    """Fails, before any work, when `path` exists (results are never overwritten) or could not be created."""
+    if path.exists():
+        raise NewstuneError(f"output directory {path} already exists; choose another --output-dir "
                             "(or --resume it to continue that run)")
-    output_dir.mkdir(parents=True)
-    return output_dir
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NewstuneError(f"cannot create output directory {path}: {parent} is a file; choose another --output-dir")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as err:
+        raise NewstuneError(f"cannot create output directory {path}: {parent} is not writable "
+                            f"({err.strerror}); choose another --output-dir") from None
+
+
+def create_run_dir(path: Path) -> Path:
+    check_new_run_dir(path)
+    try:
+        path.mkdir(parents=True)
+    except OSError as err:
+        raise NewstuneError(f"cannot create output directory {path} ({err.strerror}); choose another --output-dir") \
+            from None
+    return path
 
 
 def write_run_header(run_dir: Path, config: RunConfig, label_names: list[str]) -> None:

@@ -6,11 +6,14 @@ import json
 import logging
 import math
 import os
-import random
 import resource
+import signal
+import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +25,46 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from newstune.checkpoint import (
+    load_optimizer_state,
+    load_weights,
+    optimizer_state,
+    refuse_pickles,
+    restore_rng,
+    rng_state,
+    save_weights,
+)
 from newstune.config import RunConfig
 from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
 from newstune.data.registry import DatasetBundle, load_dataset
-from newstune.errors import NewstuneError
+from newstune.errors import Interrupted, NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
 from newstune.fast_dropout import use_fast_dropout
 from newstune.frozen_prefix import FrozenPrefix
 from newstune.infer import median_latency_ms, predict_logits
-from newstune.model import build_model, count_parameters, directory_size_bytes, hold_frozen_in, save_model
+from newstune.model import (
+    build_model,
+    check_max_length,
+    count_parameters,
+    directory_size_bytes,
+    hold_frozen_in,
+    save_model,
+)
 from newstune.paths import cache_dir
-from newstune.run import MODEL_DIR, new_run_dir, read_config, read_labels, write_metrics, write_run_header
+from newstune.run import (
+    MODEL_DIR,
+    check_new_run_dir,
+    create_run_dir,
+    planned_run_dir,
+    read_config,
+    read_labels,
+    write_metrics,
+    write_run_header,
+)
 
 log = logging.getLogger("newstune")
-CHECKPOINT = "checkpoints/last.pt"
-BEST_WEIGHTS = "checkpoints/best_trainable.pt"
+CHECKPOINT = "checkpoints/last.safetensors"
+BEST_WEIGHTS = "checkpoints/best_trainable.safetensors"
 
 
 # ---------------------------------------------------------------- precision and threads
@@ -102,21 +130,17 @@ class TrainState:
     tokens: int = 0
     padded_tokens: int = 0
     samples: int = 0
+    epoch_started_at: float = 0.0  # train_seconds when the current epoch began (survives mid-epoch checkpoints)
 
 
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
+    """sklearn's 'balanced' weights (n_samples / (n_classes * count)); a class absent from train gets 1."""
+    from sklearn.utils.class_weight import compute_class_weight
 
-
-def restore_rng(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    present = np.unique(labels)
+    weights = np.ones(n_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
+    return weights.tolist()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -129,12 +153,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Trainer:
     """setup() builds data, model, optimizer; fit() trains with per-epoch evaluation; finish() writes the run."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, resume: bool = False) -> None:
+    def __init__(self, config: RunConfig, run_dir: Path | None, resume: bool = False) -> None:
         self.config = config
-        self.run_dir = run_dir
+        self.run_dir = run_dir  # None until setup() has validated the inputs: a failed start leaves no folder
         self.resume = resume
         self.state = TrainState()
-        self.pending_rng: dict | None = None
+        self.pending_rng: tuple[dict, dict] | None = None
+        self.stop_requested = threading.Event()
+        self.interrupted = False
 
     # ------------------------------------------------------------ setup
 
@@ -153,6 +179,7 @@ class Trainer:
         self.label_names = self.bundle.label_names
         loaded = build_model(self.config.model, self.config.lora, self.label_names)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        check_max_length(self.model, self.config.data.max_length)
         self.parameters = count_parameters(self.model)
         self.frozen_dtype = "fp32"
         if self.config.lora.method == "lora" and self.precision == "bf16" and cfg.bf16_frozen_weights:
@@ -218,8 +245,7 @@ class Trainer:
             return None
         n_classes = len(self.label_names)
         if weights == "auto":
-            counts = np.bincount(self.bundle.splits["train"].labels, minlength=n_classes).astype(float)
-            weights = (counts.sum() / (n_classes * np.maximum(counts, 1))).tolist()
+            weights = balanced_class_weights(self.bundle.splits["train"].labels, n_classes)
         if len(weights) != n_classes:
             raise NewstuneError(f"train.class_weights has {len(weights)} values but the data has {n_classes} "
                                 f"classes {self.label_names}")
@@ -228,32 +254,35 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self) -> None:
+        self._sync_token_count()
         if not self.accelerator.is_main_process:
             return
-        path = self.run_dir / CHECKPOINT
-        payload = {"trainable": trainable_state(self.accelerator.unwrap_model(self.model)),
-                   "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "rng": rng_states(), "state": self.state.__dict__}
+        rng_meta, rng_tensors = rng_state()
+        optimizer_meta, optimizer_tensors = optimizer_state(self.optimizer)
+        trainable = {f"trainable.{k}": v for k, v in trainable_state(self.accelerator.unwrap_model(self.model)).items()}
+        meta = {"optimizer": optimizer_meta, "scheduler": self.scheduler.state_dict(), "rng": rng_meta,
+                "state": asdict(self.state)}
         if self.accelerator.scaler is not None:
-            payload["scaler"] = self.accelerator.scaler.state_dict()
-        torch.save(payload, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+            meta["scaler"] = self.accelerator.scaler.state_dict()
+        save_weights(self.run_dir / CHECKPOINT, {**trainable, **optimizer_tensors, **rng_tensors}, meta)
 
     def _load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
+        refuse_pickles(path.parent)
         if not path.is_file():
             raise NewstuneError(f"{self.run_dir} has no checkpoint to resume from ({CHECKPOINT})")
-        payload = torch.load(path, weights_only=False)
-        self.accelerator.unwrap_model(self.model).load_state_dict(payload["trainable"], strict=False)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        if "scaler" in payload and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(payload["scaler"])
-        self.state = TrainState(**payload["state"])
+        tensors, meta = load_weights(path)
+        trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
+        self.accelerator.unwrap_model(self.model).load_state_dict(trainable, strict=False)
+        load_optimizer_state(self.optimizer, meta["optimizer"], tensors)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if "scaler" in meta and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(meta["scaler"])
+        self.state = TrainState(**meta["state"])
         # Creating a DataLoader iterator draws from the torch RNG: mid-epoch, restore after that draw.
-        self.pending_rng = payload["rng"] if self.state.step_in_epoch else None
+        self.pending_rng = (meta["rng"], tensors) if self.state.step_in_epoch else None
         if self.pending_rng is None:
-            restore_rng(payload["rng"])
+            restore_rng(meta["rng"], tensors)
         log.info("resumed at epoch %d, step %d", self.state.epoch, self.state.global_step)
 
     # ------------------------------------------------------------ evaluation
@@ -261,7 +290,8 @@ class Trainer:
     def evaluate_split(self, split: str, threshold: float | None = None) -> tuple[dict, torch.Tensor]:
         model = self.accelerator.unwrap_model(self.model)
         logits = predict_logits(model, self.encoded[split], self.tokenizer.pad_token_id,
-                                self.config.train.eval_batch_size, self.precision, self.device)
+                                self.config.train.eval_batch_size, self.precision, self.device,
+                                progress=self.accelerator.is_main_process, desc=f"evaluate {split}")
         labels = np.asarray(self.bundle.splits[split].labels)
         return classification_metrics(labels, logits.numpy(), self.label_names, threshold), logits
 
@@ -277,7 +307,7 @@ class Trainer:
             if self.state.best_metric is None or score > self.state.best_metric:
                 self.state.best_metric, self.state.best_epoch = score, epoch
                 self.state.evals_without_improvement = 0
-                torch.save(trainable_state(self.accelerator.unwrap_model(self.model)), self.run_dir / BEST_WEIGHTS)
+                save_weights(self.run_dir / BEST_WEIGHTS, trainable_state(self.accelerator.unwrap_model(self.model)))
             else:
                 self.state.evals_without_improvement += 1
             patience = cfg.early_stopping_patience
@@ -290,6 +320,7 @@ class Trainer:
     # ------------------------------------------------------------ training
 
     def _log(self, record: dict) -> None:
+        log.info(json.dumps(record))
         self.state.history.append(record)
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -311,20 +342,43 @@ class Trainer:
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         n_epochs = math.ceil(cfg.epochs)
         finished = True
-        while self.state.epoch < n_epochs and self.state.global_step < self.total_steps:
-            if not self._train_epoch(bar, stop_after_steps):
-                finished = False
-                break
-            stop = cfg.eval_every_epoch and self._evaluate_epoch(self.state.epoch)
-            self.state.epoch += 1
-            self.state.step_in_epoch = 0
-            self._save_checkpoint()
-            if stop:
-                break
+        with self._stop_on_signals():
+            while self.state.epoch < n_epochs and self.state.global_step < self.total_steps:
+                if not self._train_epoch(bar, stop_after_steps):
+                    finished = False
+                    break
+                stop = cfg.eval_every_epoch and self._evaluate_epoch(self.state.epoch)
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                self._save_checkpoint()
+                if self.stop_requested.is_set():
+                    self.interrupted, finished = True, False
+                    break
+                if stop:
+                    break
         bar.close()
         if self.writer is not None:
             self.writer.close()
         return finished
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Ctrl-C / SIGTERM: finish the optimizer step, save a resumable checkpoint, stop. A second one aborts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame) -> None:
+            if self.stop_requested.is_set():
+                raise KeyboardInterrupt
+            self.stop_requested.set()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _train_epoch(self, bar: tqdm, stop_after_steps: int | None) -> bool:
         cfg = self.config.train
@@ -334,7 +388,13 @@ class Trainer:
         if skip:
             loader = self.accelerator.skip_first_batches(loader, skip)
         loader.set_epoch(self.state.epoch)  # the batch order depends only on (seed, epoch)
-        start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        if self.state.step_in_epoch == 0:
+            self.state.epoch_started_at = self.state.train_seconds
+        # Loss and token counts add up on the device; .item() or int() every micro-step would make the host wait
+        # for the GPU each time (nanoGPT syncs only at its log interval too).
+        window_loss, window_steps = torch.zeros((), device=self.accelerator.device), 0
+        self.tokens_on_device = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        start = time.perf_counter()
         for batch in self._batches(loader):
             with self.accelerator.accumulate(self.model):
                 labels = batch.pop("labels")
@@ -345,10 +405,10 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.state.tokens += int(batch["attention_mask"].sum())
-            self.state.padded_tokens += int(batch["attention_mask"].numel())
+            self.tokens_on_device += batch["attention_mask"].sum()
+            self.state.padded_tokens += batch["attention_mask"].numel()
             self.state.samples += len(labels)
-            window_loss += loss.item()
+            window_loss += loss.detach()
             window_steps += 1
             if not self.accelerator.sync_gradients:
                 continue
@@ -357,23 +417,33 @@ class Trainer:
             bar.update(1)
             if self.state.global_step % cfg.log_every_steps == 0 or self.state.global_step == self.total_steps:
                 record = {"kind": "train", "epoch": self.state.epoch, "step": self.state.global_step,
-                          "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0]}
+                          "loss": window_loss.item() / window_steps, "lr": self.scheduler.get_last_lr()[0]}
                 if self.accelerator.is_main_process:
                     self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-                window_loss, window_steps = 0.0, 0
+                window_loss, window_steps = torch.zeros_like(window_loss), 0
             if cfg.checkpoint_every_steps and self.state.global_step % cfg.checkpoint_every_steps == 0:
                 self._add_time(start)
                 start = time.perf_counter()
                 self._save_checkpoint()
-            if stop_after_steps is not None and self.state.global_step >= stop_after_steps:
+            if self.stop_requested.is_set() or (stop_after_steps is not None
+                                                 and self.state.global_step >= stop_after_steps):
+                self.interrupted = self.stop_requested.is_set()
                 self._add_time(start)
                 self._save_checkpoint()
                 return False
             if self.state.global_step >= self.total_steps:
                 break
-        self.state.epoch_seconds.append(self._add_time(start))
+        self._add_time(start)
+        self._sync_token_count()
+        self.state.epoch_seconds.append(self.state.train_seconds - self.state.epoch_started_at)
         return True
+
+    def _sync_token_count(self) -> None:
+        tokens = getattr(self, "tokens_on_device", None)
+        if tokens is not None:
+            self.state.tokens += int(tokens)
+            tokens.zero_()
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training logits; with a frozen-prefix cache only the upper layers run, from the stored states."""
@@ -389,7 +459,7 @@ class Trainer:
         batches = iter(loader)
         first = next(batches, None)
         if self.pending_rng is not None:
-            restore_rng(self.pending_rng)
+            restore_rng(*self.pending_rng)
             self.pending_rng = None
         if first is not None:
             yield first
@@ -408,7 +478,7 @@ class Trainer:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         if (self.run_dir / BEST_WEIGHTS).is_file():
-            model.load_state_dict(torch.load(self.run_dir / BEST_WEIGHTS), strict=False)
+            model.load_state_dict(load_weights(self.run_dir / BEST_WEIGHTS)[0], strict=False)
         validation, val_logits = self.evaluate_split("validation")
         threshold = self.threshold = None
         if len(self.label_names) == 2 and self.config.eval.tune_threshold:
@@ -482,43 +552,60 @@ class Trainer:
 # ---------------------------------------------------------------- entry points
 
 
-def setup_logging(run_dir: Path) -> None:
+@contextmanager
+def logging_to(run_dir: Path) -> Iterator[None]:
+    """The run's train.log receives this run's log lines (and no later run's)."""
     log.setLevel(logging.INFO)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def train(config: RunConfig, output_dir: Path | None = None, stop_after_steps: int | None = None,
           bundle: DatasetBundle | None = None) -> tuple[Path, dict]:
-    """A new run: returns its directory and metrics (empty when stopped early by stop_after_steps)."""
-    run_dir = _shared_run_dir(config, output_dir)
-    trainer = Trainer(config, run_dir)
+    """A new run: returns its directory and metrics (empty when stopped early by stop_after_steps).
+
+    The run folder is created only after the data and model loaded: a failed start leaves nothing behind.
+    """
+    check_new_run_dir(planned_run_dir(config, output_dir))
+    trainer = Trainer(config, None)
     trainer.setup(bundle)
+    trainer.run_dir = _shared_run_dir(config, output_dir)
     if trainer.accelerator.is_main_process:
-        write_run_header(run_dir, config, trainer.label_names)
-        setup_logging(run_dir)
-    finished = trainer.fit(stop_after_steps)
-    return run_dir, trainer.finish() if finished else {}
+        write_run_header(trainer.run_dir, config, trainer.label_names)
+    return _fit_and_finish(trainer, stop_after_steps)
 
 
 def resume(run_dir: Path, stop_after_steps: int | None = None) -> tuple[Path, dict]:
     config = read_config(run_dir)
     if (run_dir / "metrics.json").is_file():
         raise NewstuneError(f"{run_dir} already finished (metrics.json exists); nothing to resume")
+    refuse_pickles(run_dir / "checkpoints")
     trainer = Trainer(config, run_dir, resume=True)
     trainer.setup()
     if trainer.label_names != read_labels(run_dir):
         raise NewstuneError(f"{run_dir}: the data's labels changed since the run started; cannot resume")
-    setup_logging(run_dir)
-    finished = trainer.fit(stop_after_steps)
-    return run_dir, trainer.finish() if finished else {}
+    return _fit_and_finish(trainer, stop_after_steps)
+
+
+def _fit_and_finish(trainer: Trainer, stop_after_steps: int | None) -> tuple[Path, dict]:
+    with logging_to(trainer.run_dir):
+        finished = trainer.fit(stop_after_steps)
+        if trainer.interrupted:
+            raise Interrupted(f"interrupted at step {trainer.state.global_step} of {trainer.total_steps}; "
+                              f"checkpoint saved. Continue with: newstune train --resume {trainer.run_dir}")
+        return trainer.run_dir, trainer.finish() if finished else {}
 
 
 def _shared_run_dir(config: RunConfig, output_dir: Path | None) -> Path:
     """All processes of a multi-process launch agree on one folder: the main one creates it and tells the rest."""
     state = PartialState(cpu=not torch.cuda.is_available())
-    names = [str(new_run_dir(config, output_dir)) if state.is_main_process else ""]
+    names = [str(create_run_dir(planned_run_dir(config, output_dir))) if state.is_main_process else ""]
     if state.num_processes > 1:
         broadcast_object_list(names)
     return Path(names[0])
