@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 
 from newstune.config import validate
 from newstune.errors import NewstuneError
@@ -14,7 +16,7 @@ from newstune.frozen_prefix import encoder_model
 from newstune.infer import predict_logits
 from newstune.report import evaluate_run
 from newstune.run import load_run, write_run_header
-from newstune.train import Trainer, resolve_precision, resume, train
+from newstune.train import Trainer, balanced_class_weights, resolve_precision, resume, train
 
 from .conftest import tiny_config
 
@@ -64,23 +66,77 @@ def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
     assert evaluated["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
 
-def test_full_finetuning_and_class_weights(tiny_models, tiny_data, tmp_path):
+def test_full_finetuning_trains_every_weight(tiny_models, tiny_data, tmp_path):
     _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"lora.method": "full", "train.lr": 1e-3,
-                                                                "train.class_weights": "auto"})
+                                                                "train.epochs": 1})
     assert metrics["efficiency"]["trainable_params"] == metrics["efficiency"]["total_params"]
 
 
-def test_early_stopping_keeps_best(tiny_models, tiny_data, tmp_path):
-    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.epochs": 6, "train.lr": 1e-7,
-                                                                "train.early_stopping_patience": 1,
-                                                                "train.metric": "accuracy"})
-    assert metrics["efficiency"]["epochs_run"] < 6
+def test_balanced_class_weights():
+    # n / (classes present * count): 4 / (2 * 3) and 4 / (2 * 1); a class absent from train keeps weight 1
+    assert balanced_class_weights([0, 0, 0, 1], 3) == pytest.approx([2 / 3, 2.0, 1.0])
+
+
+def test_auto_class_weights_reach_the_loss(tiny_models, tmp_path):
+    from .conftest import synthetic_rows, write_csv
+
+    rows = synthetic_rows(300, 1)
+    skewed = [r for r in rows if r[1] != "science"] + [r for r in rows if r[1] == "science"][:20]
+    write_csv(tmp_path / "train.csv", skewed)
+    write_csv(tmp_path / "valid.csv", synthetic_rows(30, 2))
+    write_csv(tmp_path / "test.csv", synthetic_rows(30, 3))
+    trainer = Trainer(validate(tiny_config(tiny_models["bert"], tmp_path, **{"train.class_weights": "auto"})), None)
+    trainer.setup()
+    counts = np.bincount(trainer.bundle.splits["train"].labels)
+    expected = counts.sum() / (3 * counts)
+    np.testing.assert_allclose(trainer.loss_fn.weight.numpy(), expected, rtol=1e-6)
+    assert trainer.loss_fn.weight[trainer.label_names.index("science")] > 3
+
+
+def test_best_epoch_weights_are_restored(tiny_models, tiny_data, tmp_path):
+    # A constant lr this high makes validation loss bounce: the best epoch is not the last one.
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{
+        "train.epochs": 6, "train.lr": 0.3, "train.scheduler": "constant", "train.warmup_ratio": 0.0,
+        "train.metric": "loss"})
+    evals = [r for r in metrics_history(run_dir) if r["kind"] == "eval"]
+    best = min(evals, key=lambda r: r["loss"])
+    assert best["epoch"] == metrics["best_epoch"] != evals[-1]["epoch"], "precondition: best epoch is not the last"
+    assert metrics["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
+    assert metrics["validation"]["loss"] < evals[-1]["loss"] - 1e-4
+
+
+def test_early_stopping_stops_after_patience(tiny_models, tiny_data, tmp_path):
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{
+        "train.epochs": 6, "train.lr": 1e-7, "train.early_stopping_patience": 1, "train.metric": "accuracy"})
+    # lr 1e-7 changes nothing: epoch 0 is best, epoch 1 does not improve, patience 1 stops there
+    assert [r["epoch"] for r in metrics_history(run_dir) if r["kind"] == "eval"] == [0, 1]
+    assert metrics["efficiency"]["epochs_run"] == 2
+
+
+def metrics_history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Training losses of the tiny BERT recipe (seed 7, fp32), logged every 5 steps in epoch 0. Pinned so that a
+# refactor that changes numerics (batch order, init, loss, optimizer, scheduler) cannot pass silently.
+PINNED_LOSSES = [1.11531, 1.1133, 1.13379, 1.10426, 1.10349, 1.08778]
+
+
+def test_loss_values_are_pinned_also_after_resume(tiny_models, tiny_data, tmp_path):
+    overrides = {"train.epochs": 1}
+    run_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, "straight", **overrides)
+    straight = [r["loss"] for r in metrics_history(run_dir) if r["kind"] == "train"]
+    np.testing.assert_allclose(straight, PINNED_LOSSES, rtol=1e-3)
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **overrides))
+    cut_dir, stopped = train(config, tmp_path / "cut", stop_after_steps=10)
+    assert stopped == {}
+    resume(cut_dir)
+    resumed = [r["loss"] for r in metrics_history(cut_dir) if r["kind"] == "train"]
+    np.testing.assert_allclose(resumed, PINNED_LOSSES, rtol=1e-3)
 
 
 def test_resume_matches_uninterrupted(tiny_models, tiny_data, tmp_path):
     _, full = run_tiny(tiny_models, tiny_data, tmp_path, "full", **{"train.checkpoint_every_steps": 4})
-    run_dir, partial = run_tiny(tiny_models, tiny_data, tmp_path, "cut", **{"train.checkpoint_every_steps": 4})
-    assert partial  # sanity: same config trains to the end
     config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.checkpoint_every_steps": 4}))
     cut_dir, stopped = train(config, tmp_path / "stopped", stop_after_steps=21)
     assert stopped == {} and not (cut_dir / "metrics.json").exists()
@@ -112,11 +168,13 @@ def test_binary_threshold_is_tuned_and_stored(tiny_models, tmp_path):
     assert load_run(run_dir).threshold == metrics["threshold"]
 
 
-def test_precision_resolution_on_cpu():
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_follows_the_cpu(monkeypatch, native_bf16, expected):
+    monkeypatch.setattr("newstune.train.cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", "cpu") == expected
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(NewstuneError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", "cpu")
-    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
 
 
 def cli(*args, cwd):
@@ -233,3 +291,82 @@ def test_bf16_frozen_weights_follow_the_autocast_loss_curve(tiny_models, tiny_da
     # lr the onset of learning is chaotic, so later steps may drift further apart in either direction.
     assert len(losses[0]) == 30
     np.testing.assert_allclose(losses[0], losses[1], rtol=2e-2)
+
+
+class PlantedPickle:
+    """Unpickling this runs code: what a crafted checkpoint in a shared run folder would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_planted_pickle_checkpoint_is_refused(tiny_models, tiny_data, tmp_path):
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1}))
+    run_dir, _ = train(config, tmp_path / "shared", stop_after_steps=5)
+    marker = tmp_path / "code-ran"
+    torch.save({"state": PlantedPickle(marker)}, run_dir / "checkpoints" / "last.pt")
+    with pytest.raises(NewstuneError, match="never loads pickles"):
+        resume(run_dir)
+    assert not marker.exists()
+
+
+def test_checkpoint_files_hold_no_pickle(tiny_models, tiny_data, tmp_path):
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1}))
+    run_dir, _ = train(config, tmp_path / "run", stop_after_steps=5)
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["best_trainable.safetensors", "last.safetensors"] or names == ["last.safetensors"]
+    for path in (run_dir / "checkpoints").iterdir():
+        assert path.read_bytes()[8:9] == b"{", f"{path.name} is not safetensors (JSON header after the length)"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_models, tiny_data, tmp_path):
+    import signal
+    import time
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 400})))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "newstune.cli", "train", str(recipe), "--output-dir",
+                                str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert f"newstune train --resume {run_dir}" in stderr and "Traceback" not in stderr
+    with safe_open(str(run_dir / "checkpoints/last.safetensors"), "pt") as handle:
+        saved_step = json.loads(handle.metadata()["newstune"])["state"]["global_step"]
+    assert saved_step > 0 and not (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda tmp: Path("/proc/newstune-run"), "cannot create output directory"),
+    (lambda tmp: tmp / "a-file" / "run", "is a file"),
+])
+def test_unusable_output_dir_fails_before_work(tiny_models, tiny_data, tmp_path, where, message):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NewstuneError, match=message):
+        train(validate(tiny_config(tiny_models["bert"], tiny_data)), where(tmp_path))
+
+
+def test_a_failed_start_leaves_no_run_folder(tiny_models, tiny_data, tmp_path):
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"data.max_length": 100}))
+    with pytest.raises(NewstuneError, match="max_length 100 is longer than this bert model's 64 positions"):
+        train(config, tmp_path / "run")
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"data.text_columns": ["body"]}))
+    with pytest.raises(NewstuneError, match="no column"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_epoch_time_survives_mid_epoch_checkpoints(tiny_models, tiny_data, tmp_path):
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.epochs": 1,
+                                                                      "train.checkpoint_every_steps": 4})
+    efficiency = metrics["efficiency"]
+    assert efficiency["epoch_seconds_mean"] == pytest.approx(efficiency["train_seconds"], rel=1e-6)
+    log_text = (run_dir / "train.log").read_text()
+    assert '"kind": "eval"' in log_text and '"kind": "train"' in log_text

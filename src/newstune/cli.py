@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from newstune.errors import NewstuneError
+from newstune.errors import Interrupted, NewstuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune BERT-family encoders into news classifiers and measure what each choice costs.")
@@ -224,7 +224,7 @@ def generate(
     data_dir: DataDir = None,
 ) -> None:
     """Generator-based augmentation: synthetic rows per class, deduplicated, optionally classifier-filtered."""
-    from newstune.data.augment import generate_rows
+    from newstune.generate import generate_rows
 
     counts = generate_rows(_config_with(config, overrides, data_dir), generator, output, per_class, prompt,
                            filter_run, min_confidence,
@@ -262,6 +262,9 @@ def models_list() -> None:
 def main() -> None:
     try:
         app()
+    except Interrupted as err:
+        typer.echo(str(err), err=True)
+        sys.exit(130)
     except NewstuneError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
