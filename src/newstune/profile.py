@@ -71,9 +71,9 @@ def _phase(event) -> str | None:
 
 
 def profiled_steps(trainer, steps: int, warmup: int) -> tuple[torch.profiler.profile, list[int], float]:
-    """Runs warmup + steps optimizer steps of the trainer's loop; profiles the last `steps`."""
-    model, optimizer, loss_fn = trainer.model, trainer.optimizer, trainer.loss_fn
-    model.train()
+    """Runs warmup + steps micro-steps of the trainer's own train_step (grad accumulation, clipping and the
+    scheduler included); profiles the last `steps`."""
+    trainer.model.train()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     batches = iter(trainer.train_loader)
     lengths: list[int] = []
@@ -81,16 +81,9 @@ def profiled_steps(trainer, steps: int, warmup: int) -> tuple[torch.profiler.pro
     def step(record: bool) -> None:
         with record_function("newstune::data"):
             batch = next(batches)
-        labels = batch.pop("labels")
-        with record_function("newstune::forward"):
-            loss = loss_fn(trainer.forward_logits(batch).float(), labels)
-        with record_function("newstune::backward"):
-            trainer.accelerator.backward(loss)
-        with record_function("newstune::optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         if record:
             lengths.extend(batch["attention_mask"].sum(1).tolist())
+        trainer.train_step(batch)
 
     for _ in range(warmup):
         step(False)
