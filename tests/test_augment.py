@@ -7,18 +7,17 @@ import pytest
 
 from newstune.config import AugmentConfig, DataConfig
 from newstune.data.augment import (
-    dedupe,
     eda_copies,
-    filter_by_classifier,
-    generate_synthetic,
     random_deletion,
     random_insertion,
     random_swap,
+    read_synthetic,
     synonym_replacement,
     wordnet,
 )
 from newstune.data.registry import load_dataset, load_eval_set
 from newstune.errors import NewstuneError
+from newstune.generate import dedupe, filter_by_classifier, generate_synthetic
 
 from .conftest import SHARED_DATA, needs_shared_data, synthetic_rows, write_csv
 
@@ -112,6 +111,18 @@ def test_synthetic_rows_repeating_evaluation_texts_are_dropped(tmp_path):
     augmented = load_dataset(DataConfig(name="files", dir=tmp_path, train_file="train.csv",
                                         augment={"synthetic_file": str(tmp_path / "syn.jsonl")}))
     assert "synthetic" not in augmented.splits["train"].origins
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"syn.jsonl:2: invalid JSON"),  # json.loads raised a traceback
+    ('{"label": "sports"}', r"syn.jsonl:2: lacks a 'text' string"),
+    ('{"text": 5, "label": "sports"}', r"syn.jsonl:2: lacks a 'text' string"),  # normalise() raised TypeError
+])
+def test_bad_synthetic_line_is_named(tmp_path, line, message):
+    path = tmp_path / "syn.jsonl"
+    path.write_text(json.dumps({"text": "fine", "label": "sports"}) + "\n" + line + "\n")
+    with pytest.raises(NewstuneError, match=message):
+        read_synthetic(path)
 
 
 def test_dedupe_and_classifier_filter():

@@ -1,7 +1,11 @@
+import ast
+import graphlib
+import gzip
 import itertools
 import re
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
@@ -9,7 +13,8 @@ from hypothesis import strategies as st
 
 from newstune.config import CleanConfig, DataConfig
 from newstune.data.batching import Collator, LengthGroupedBatchSampler, tokenize_texts
-from newstune.data.registry import TextSplit, load_dataset, stratified_split
+from newstune.data.registry import load_dataset
+from newstune.data.splits import TextSplit, class_weights, stratified_split
 from newstune.data.text import clean_text, fix_ag_artifacts, textualize_liar
 from newstune.errors import NewstuneError
 
@@ -117,6 +122,13 @@ def test_stratified_split_keeps_every_class():
     assert stratified_split(split, 0.1, seed=1)[1].texts == held.texts
 
 
+def test_class_weights_are_balanced():
+    labels = [0, 0, 0, 0, 1, 1, 2]  # 7 rows: 7 / (3 * count)
+    assert class_weights(labels, 3) == pytest.approx([7 / 12, 7 / 6, 7 / 3])
+    # a class without rows counts as one row, as train.class_weights 'auto' always did
+    assert class_weights(labels, 4) == pytest.approx([7 / 16, 7 / 8, 7 / 4, 7 / 4])
+
+
 def files_config(tmp_path, **kw):
     return DataConfig(name="files", dir=tmp_path, train_file="train.csv", **kw)
 
@@ -149,6 +161,38 @@ def test_files_loader_bad_input(tmp_path, rows, kwargs, message):
         load_dataset(files_config(tmp_path, **kwargs))
 
 
+GOOD_CSV = b"text,label\n" + b"x,a\ny,b\n" * 10
+GOOD_JSONL = b'{"text": "x", "label": "a"}\n{"text": "y", "label": "b"}\n' * 10
+
+
+@pytest.mark.parametrize("name, content, kwargs, message", [
+    ("train.csv", b"", {}, r"train.csv: the file is empty; it needs a header line and data rows"),
+    ("train.csv", b"text,label\n", {}, r"train.csv: no data rows; add rows below the header line"),
+    ("train.jsonl", b"\n\n", {}, r"train.jsonl: no data rows; add one JSON object per line"),
+    ("train.csv.gz", GOOD_CSV, {}, r"train.csv.gz: not gzip data .*drop .gz from the name"),
+    ("train.csv.gz", gzip.compress(GOOD_CSV * 50)[:60], {}, r"train.csv.gz: the gzip data is truncated or corrupt"),
+    ("train.csv", GOOD_CSV[:-1] + b"\nbad \xff text,a\n", {}, r"train.csv:22: not UTF-8 text \(byte 0xff\); re-save"),
+    ("train.jsonl", GOOD_JSONL + b'{"text": "\xe9", "label": "a"}\n', {}, r"train.jsonl:21: not UTF-8 text"),
+    ("train.jsonl", b'{"text": "x", "label": "a"}\n\n{"text": x}\n', {}, r"train.jsonl:3: invalid JSON .*column 10"),
+    ("train.jsonl", GOOD_JSONL + b"[1, 2]\n", {}, r"train.jsonl:21: not a JSON object"),
+    ("train.jsonl", b'{"text": "x", "text": "y", "label": "a"}\n', {}, r"train.jsonl:1: key 'text' appears twice"),
+    ("train.jsonl", GOOD_JSONL + b'{"text": "z"}\n', {}, r"train.jsonl:21: no 'label' value \(1 row"),
+    ("train.csv", b"text,text,label\n" + b"x,y,a\nz,w,b\n" * 10, {},
+     r"train.csv:1: column\(s\) \['text'\] appear more than once in the header.*rename or remove"),
+    ("train.csv", b"text,label\n" + b"x,a\n" * 20, {},
+     r"train.csv: every training row has the label 'a'; a classifier needs two or more classes"),
+    ("train.csv", b"text,label\n" + b"x,a\n" * 20 + b"y,b\n", {"min_class_count": 2},
+     r"train.csv: every training row kept by data.min_class_count=2 has the label 'a'.*lower data.min_class_count"),
+], ids=["0-byte", "header-only", "blank-jsonl", "not-gzip", "truncated-gzip", "not-utf8-csv", "not-utf8-jsonl",
+        "bad-json-line", "json-array-line", "duplicate-json-key", "missing-label", "duplicate-column", "single-class",
+        "single-class-after-min-count"])
+def test_malformed_training_file_is_one_clear_error(tmp_path, name, content, kwargs, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(NewstuneError, match=message) as caught:
+        load_dataset(DataConfig(name="files", dir=tmp_path, train_file=name, **kwargs))
+    assert str(tmp_path / name) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_unknown_label_in_test_file(tmp_path):
     write_csv(tmp_path / "train.csv", [("x", "a"), ("y", "b")] * 10)
     write_csv(tmp_path / "test.csv", [("z", "c")])
@@ -167,6 +211,41 @@ def test_standard_dataset_without_local_copy_fails_clearly(monkeypatch, tmp_path
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(NewstuneError, match="no local copy .*NEWSTUNE_DATA"):
         load_dataset(DataConfig(name="liar"))
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """newstune module -> the newstune modules it imports anywhere in the file (function-level imports too)."""
+    files = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (SRC / "newstune").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        graph[name] = {module for module in found if module in files} - {name}
+    return graph
+
+
+def test_data_layer_imports_only_data_config_and_errors():
+    graph = import_graph()
+    allowed = ("newstune.data", "newstune.config", "newstune.errors")
+    data_modules = [name for name in graph if name.startswith("newstune.data")]
+    assert "newstune.data.registry" in data_modules
+    outside = {name: sorted(m for m in graph[name] if not m.startswith(allowed)) for name in data_modules}
+    assert not any(outside.values()), f"the data layer imports upward: {outside}"
+
+
+def test_no_newstune_modules_import_each_other():
+    try:
+        list(graphlib.TopologicalSorter(import_graph()).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")
 
 
 def test_length_grouped_sampler_is_deterministic_and_grouped():

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
-import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,28 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from newstune.config import DataConfig
+from newstune.data.augment import augment_train
+from newstune.data.files import read_table, require_columns
+from newstune.data.splits import TextSplit, encode_labels, stratified_split
 from newstune.data.text import LIAR_CREDIT_FIELDS, LIAR_FIELD_TITLES, clean_text, textualize_liar
 from newstune.errors import NewstuneError
 
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class TextSplit:
-    texts: list[str]
-    labels: list[int]
-    origins: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.origins:
-            self.origins = ["original"] * len(self.texts)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, indices: list[int]) -> TextSplit:
-        return TextSplit([self.texts[i] for i in indices], [self.labels[i] for i in indices],
-                         [self.origins[i] for i in indices])
 
 
 @dataclass
@@ -79,50 +62,6 @@ def find_file(folder: Path, candidates: list[str], what: str) -> Path:
             if path.is_file():
                 return path
     raise NewstuneError(f"no {what} file in {folder} (looked for {', '.join(candidates)}, optionally .gz)")
-
-
-def read_table(path: Path, **kwargs) -> pd.DataFrame:
-    """CSV/TSV/JSONL (maybe gzipped) with every field as a string and no NaN conversion."""
-    if not path.is_file():
-        raise NewstuneError(f"file not found: {path} (check the path in the config)")
-    suffixes = [s for s in path.suffixes if s != ".gz"]
-    kind = suffixes[-1] if suffixes else ".csv"
-    try:
-        if kind in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=True, dtype=False, **kwargs)
-            return frame.astype(str) if len(frame) else frame
-        sep = "\t" if kind == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, **kwargs)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise NewstuneError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
-
-
-def stratified_split(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
-    """Hold out `fraction` of every class (at least one row where a class has two or more)."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(split.labels):
-        by_class.setdefault(label, []).append(index)
-    kept, held = [], []
-    for label in sorted(by_class):
-        indices = by_class[label]
-        rng.shuffle(indices)
-        n_held = round(len(indices) * fraction) if len(indices) > 1 else 0
-        n_held = max(n_held, 1) if len(indices) > 1 else 0
-        held += indices[:n_held]
-        kept += indices[n_held:]
-    return split.subset(sorted(kept)), split.subset(sorted(held))
-
-
-def encode_labels(values: list[str], label_names: list[str], where: str) -> list[int]:
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted(set(values) - set(index))
-    if unknown:
-        raise NewstuneError(
-            f"{where}: unknown label value(s) {unknown[:5]}; known labels are {label_names} "
-            "(fix the data or set data.label_names)"
-        )
-    return [index[v] for v in values]
 
 
 # ---------------------------------------------------------------- loaders
@@ -193,16 +132,12 @@ def load_huffpost(config: DataConfig, folder: Path) -> tuple[dict[str, list[tupl
 
 
 def iter_file_rows(path: Path, config: DataConfig) -> Iterator[tuple[int, str, str]]:
-    """(line number, text, label) for every row of a user file, with a clear error for a bad column."""
+    """(line number, text, label) for every row of a user file; a bad file or column is one error naming the line."""
     frame = read_table(path)
     needed = [*config.text_columns, config.label_column]
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise NewstuneError(f"{path}: no column(s) {missing}; columns are {list(frame.columns)} "
-                            "(set data.text_columns / data.label_column)")
-    line_offset = 1 if path.suffixes and ".jsonl" in path.suffixes else 2
-    for number, record in enumerate(frame[needed].to_dict("records"), start=line_offset):
-        yield number, build_text(record, config), str(record[config.label_column])
+    require_columns(path, frame, needed)
+    for number, record in zip(frame.index, frame[needed].to_dict("records")):
+        yield int(number), build_text(record, config), str(record[config.label_column])
 
 
 def build_text(record: dict[str, str], config: DataConfig) -> str:
@@ -214,15 +149,18 @@ def build_text(record: dict[str, str], config: DataConfig) -> str:
     return " ".join(str(record[c]).strip() for c in config.text_columns)
 
 
-def load_files(config: DataConfig, folder: Path | None) -> tuple[dict[str, list[tuple[str, str]]], None]:
-    def resolve(path: Path) -> Path:
-        return path if path.is_absolute() or folder is None else folder / path
+def resolve_file(config: DataConfig, path: Path) -> Path:
+    """A data.*_file path, relative to the data folder unless absolute."""
+    folder = data_dir(config)
+    return path if path.is_absolute() or folder is None else folder / path
 
+
+def load_files(config: DataConfig, folder: Path | None) -> tuple[dict[str, list[tuple[str, str]]], None]:
     rows = {}
     for split, path in (("train", config.train_file), ("validation", config.valid_file),
                         ("test", config.test_file)):
         if path is not None:
-            rows[split] = [(text, label) for _, text, label in iter_file_rows(resolve(path), config)]
+            rows[split] = [(text, label) for _, text, label in iter_file_rows(resolve_file(config, path), config)]
     return rows, None
 
 
@@ -276,12 +214,23 @@ def hub_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list
 # ---------------------------------------------------------------- assembly
 
 
+def source_of(config: DataConfig, split: str) -> str:
+    """Where a split's rows come from, for error messages: the file (files loader) or the dataset's split."""
+    path = {"train": config.train_file, "validation": config.valid_file, "test": config.test_file}[split]
+    if config.name == "files" and path is not None:
+        return str(resolve_file(config, path))
+    return f"{config.name} {split} split"
+
+
 def check_texts(rows: list[tuple[str, str]], split: str, drop_empty: bool) -> list[tuple[str, str]]:
     empty = [i for i, (text, _) in enumerate(rows) if not text.strip()]
     if empty and not drop_empty:
         raise NewstuneError(f"{split}: {len(empty)} empty text(s), first at data row {empty[0] + 1} "
                             "(fix the data or set data.drop_empty: true)")
-    return [row for row in rows if row[0].strip()]
+    kept = [row for row in rows if row[0].strip()]
+    if rows and not kept:
+        raise NewstuneError(f"{split}: every text is empty after cleaning; fix the data or data.text_columns")
+    return kept
 
 
 def load_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list[str] | None]:
@@ -295,6 +244,17 @@ def load_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], lis
     return {split: check_texts(rows, split, config.drop_empty) for split, rows in raw_rows.items()}, label_names
 
 
+def check_classes(rows: list[tuple[str, str]], config: DataConfig) -> None:
+    """Training rows of two or more classes: one class would train to a meaningless accuracy of 1.0."""
+    classes = sorted({label for _, label in rows})
+    if len(classes) >= 2:
+        return
+    kept = f" kept by data.min_class_count={config.min_class_count}" if config.min_class_count else ""
+    found = f"every training row{kept} has the label {classes[0]!r}" if classes else f"no training rows{kept}"
+    raise NewstuneError(f"{source_of(config, 'train')}: {found}; a classifier needs two or more classes, "
+                        f"so add rows of other classes{' or lower data.min_class_count' if kept else ''}")
+
+
 def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
     raw_rows, label_names = load_rows(config)
     label_names = config.label_names or label_names or sorted({label for _, label in raw_rows["train"]})
@@ -302,13 +262,12 @@ def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
         counts = Counter(label for _, label in raw_rows["train"])
         label_names = [name for name in label_names if counts[name] >= config.min_class_count]
         raw_rows = {s: [r for r in rows if r[1] in label_names] for s, rows in raw_rows.items()}
+    check_classes(raw_rows["train"], config)
     splits = {split: TextSplit([t for t, _ in rows], encode_labels([lab for _, lab in rows], label_names, split))
               for split, rows in raw_rows.items()}
     splits = fill_missing_splits(splits, config, seed)
     splits = limit_rows(splits, config, seed)
     if config.augment.eda or config.augment.synthetic_file:
-        from newstune.data.augment import augment_train
-
         splits["train"] = augment_train(splits, label_names, config.augment, seed)
     info = {"dataset": config.name, "rows": {s: len(v) for s, v in splits.items()}}
     if config.name == "liar" and config.credit_history:
@@ -346,8 +305,3 @@ def limit_rows(splits: dict[str, TextSplit], config: DataConfig, seed: int) -> d
             "validation": cut(splits["validation"], config.max_eval_rows),
             "test": cut(splits["test"], config.max_eval_rows)}
 
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
