@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from newstune import tables
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NEWSTUNE_DATA", ROOT.parent / "shared" / "data"))
 
@@ -32,17 +34,14 @@ def write_results(out_dir: Path, name: str, payload: dict, table: str) -> None:
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(title for _, title in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = []
-    for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row.get(key, "")
-            cells.append(f"{value:,.3g}" if isinstance(value, float) and abs(value) < 100 else
-                         f"{value:,.0f}" if isinstance(value, float) else str(value))
-        body.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, rule, *body])
+    return tables.markdown_table([title for _, title in columns],
+                                 [[_cell(row.get(key, "")) for key, _ in columns] for row in rows])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
 
 
 @contextmanager

@@ -59,7 +59,7 @@ def test_compare_reports_failed_variant_and_finishes_the_others(tiny_models, tin
     status = {r["run"]: r["status"] for r in rows}
     assert status == {"lora": "ok", "broken": "failed", "full": "ok"}
     broken = next(r for r in rows if r["run"] == "broken")
-    assert "do not fit" in broken["reason"]
+    assert "matches no linear module" in broken["reason"]
     for name in ("comparison.md", "comparison.csv", "comparison.json", "quality.png", "time.png", "memory.png",
                  "curves.png"):
         assert (tmp_path / "cmp" / name).is_file(), name

@@ -10,7 +10,8 @@ from .conftest import tiny_config
 
 
 def test_profiled_steps_run_the_trainers_step_with_accumulation_and_clipping(tiny_models, tiny_data):
-    config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.grad_accum": 2, "train.max_grad_norm": 0.5}))
+    overrides = {"train.grad_accum": 2, "train.max_grad_norm": 0.5}
+    config = validate(tiny_config(tiny_models["bert"], tiny_data, **overrides))
     trainer = Trainer(config, None)
     trainer.setup()
     prof, lengths, _ = profiled_steps(trainer, steps=4, warmup=0)

@@ -84,7 +84,8 @@ def plot_training_curves(history: list[dict], path: Path, title: str = "") -> No
     steps = [h for h in history if h.get("kind") == "train"]
     evals = [h for h in history if h.get("kind") == "eval"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot([h["step"] for h in steps], [h["loss"] for h in steps], label="train loss")
+    # markers, so that a run with a single logged point still shows it
+    left.plot([h["step"] for h in steps], [h["loss"] for h in steps], ".-", label="train loss")
     left.plot([h["step"] for h in evals], [h["loss"] for h in evals], "o-", label="validation loss")
     left.set_xlabel("optimizer step")
     left.legend()

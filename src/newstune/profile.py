@@ -8,7 +8,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch.profiler import ProfilerActivity, record_function
+from transformers import AutoConfig
+
+from newstune.data.registry import load_dataset
+from newstune.train import Trainer
+from newstune.weights import resolve_model_path
 
 CATEGORIES = ("gemm", "attention", "norm_elementwise", "optimizer", "data", "other")
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -128,17 +135,11 @@ def breakdown(prof: torch.profiler.profile) -> dict:
 
 
 def profile_run(config, steps: int, warmup: int, out_dir: Path) -> dict:
-    from newstune.data.registry import load_dataset
-    from newstune.train import Trainer
-    from newstune.weights import resolve_model_path
-
     out_dir.mkdir(parents=True, exist_ok=False)
     trainer = Trainer(config, out_dir)
     trainer.setup(load_dataset(config.data, config.train.seed))
     prof, lengths, seconds = profiled_steps(trainer, steps, warmup)
     prof.export_chrome_trace(str(out_dir / "trace.json"))
-    from transformers import AutoConfig
-
     model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name))
     dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float16 if trainer.precision == "fp16" \
         else torch.float32
@@ -158,9 +159,6 @@ def profile_run(config, steps: int, warmup: int, out_dir: Path) -> dict:
 
 
 def print_profile(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     table = Table(title=f"{result['model']} {result['method']} {result['precision']}: time by op category")
     for column in ("category", "ms", "share", "alloc MB"):

@@ -14,7 +14,8 @@ from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion
 from newstune.infer import predict_logits
 from newstune.paths import cache_dir
-from newstune.run import LoadedRun, load_run, read_metrics, write_metrics
+from newstune.run import LoadedRun, load_run, read_config, read_metrics, write_metrics
+from newstune.tables import markdown_table
 
 
 def evaluate_loaded(run: LoadedRun, split: TextSplit, batch_size: int = 64) -> dict:
@@ -64,7 +65,6 @@ COLUMNS = [("run", "run"), ("dataset", "dataset"), ("model", "model"), ("method"
 
 def run_row(run_dir: Path, name: str | None = None, split: str = "test") -> dict:
     """One comparison row from a run directory (a failed run gives a row with its reason)."""
-    from newstune.run import read_config
 
     run_dir = Path(run_dir)
     failure = run_dir / "FAILED"
@@ -102,13 +102,9 @@ def _cell(value) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        if row["status"] != "ok":
-            lines.append(f"| {row['run']} | failed: {row['reason']} |" + " |" * (len(COLUMNS) - 2))
-            continue
-        lines.append("| " + " | ".join(_cell(row[key]) for key, _ in COLUMNS) + " |")
-    return "\n".join(lines)
+    cells = [[_cell(row[key]) for key, _ in COLUMNS] if row["status"] == "ok"
+             else [row["run"], f"failed: {row['reason']}"] for row in rows]
+    return markdown_table([title for _, title in COLUMNS], cells)
 
 
 def write_report(rows: list[dict], out_dir: Path, console_title: str = "comparison") -> None:

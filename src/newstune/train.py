@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
+from sklearn.utils.class_weight import compute_class_weight
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,7 +38,7 @@ from newstune.checkpoint import (
 )
 from newstune.config import RunConfig
 from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
-from newstune.data.registry import DatasetBundle, load_dataset
+from newstune.data.registry import DatasetBundle, load_dataset, load_eval_set
 from newstune.errors import Interrupted, NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
 from newstune.fast_dropout import use_fast_dropout
@@ -136,8 +137,6 @@ class TrainState:
 
 def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
     """sklearn's 'balanced' weights (n_samples / (n_classes * count)); a class absent from train gets 1."""
-    from sklearn.utils.class_weight import compute_class_weight
-
     present = np.unique(labels)
     weights = np.ones(n_classes)
     weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
@@ -516,8 +515,6 @@ class Trainer:
 
     def _extra_evaluations(self, model: torch.nn.Module) -> dict:
         """Each configured extra set (e.g. out-of-distribution), with the run's threshold."""
-        from newstune.data.registry import load_eval_set
-
         out = {}
         for extra in self.config.eval.extra:
             split = load_eval_set(extra.data, extra.label_map, self.label_names)
