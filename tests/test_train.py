@@ -16,7 +16,7 @@ from newstune.frozen_prefix import encoder_model
 from newstune.infer import predict_logits
 from newstune.report import evaluate_run
 from newstune.run import load_run, write_run_header
-from newstune.train import Trainer, balanced_class_weights, resolve_precision, resume, train
+from newstune.train import Trainer, resolve_precision, resume, train
 
 from .conftest import tiny_config
 
@@ -70,11 +70,6 @@ def test_full_finetuning_trains_every_weight(tiny_models, tiny_data, tmp_path):
     _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"lora.method": "full", "train.lr": 1e-3,
                                                                 "train.epochs": 1})
     assert metrics["efficiency"]["trainable_params"] == metrics["efficiency"]["total_params"]
-
-
-def test_balanced_class_weights():
-    # n / (classes present * count): 4 / (2 * 3) and 4 / (2 * 1); a class absent from train keeps weight 1
-    assert balanced_class_weights([0, 0, 0, 1], 3) == pytest.approx([2 / 3, 2.0, 1.0])
 
 
 def test_auto_class_weights_reach_the_loss(tiny_models, tmp_path):

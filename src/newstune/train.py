@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
-from sklearn.utils.class_weight import compute_class_weight
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,6 +38,7 @@ from newstune.checkpoint import (
 from newstune.config import RunConfig
 from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
 from newstune.data.registry import DatasetBundle, load_dataset, load_eval_set
+from newstune.data.splits import class_weights
 from newstune.errors import Interrupted, NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
 from newstune.fast_dropout import use_fast_dropout
@@ -133,14 +133,6 @@ class TrainState:
     padded_tokens: int = 0
     samples: int = 0
     epoch_started_at: float = 0.0  # train_seconds when the current epoch began (survives mid-epoch checkpoints)
-
-
-def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
-    """sklearn's 'balanced' weights (n_samples / (n_classes * count)); a class absent from train gets 1."""
-    present = np.unique(labels)
-    weights = np.ones(n_classes)
-    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
-    return weights.tolist()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -245,7 +237,7 @@ class Trainer:
             return None
         n_classes = len(self.label_names)
         if weights == "auto":
-            weights = balanced_class_weights(self.bundle.splits["train"].labels, n_classes)
+            weights = class_weights(self.bundle.splits["train"].labels, n_classes)
         if len(weights) != n_classes:
             raise NewstuneError(f"train.class_weights has {len(weights)} values but the data has {n_classes} "
                                 f"classes {self.label_names}")
