@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+TOKENIZE_CHUNK = 4096  # texts per tokenizer call: a progress bar for large sets, same ids as one call
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -35,7 +38,10 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache: Path | N
     path = cache / f"{digest.hexdigest()[:24]}.pt" if cache is not None else None
     if path is not None and path.is_file():
         return torch.load(path)
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    ids = []
+    chunks = range(0, len(texts), TOKENIZE_CHUNK)
+    for start in tqdm(chunks, desc="tokenize", unit="chunk", disable=len(chunks) < 4, leave=False):
+        ids += tokenizer(texts[start:start + TOKENIZE_CHUNK], truncation=True, max_length=max_length)["input_ids"]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
