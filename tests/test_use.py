@@ -70,6 +70,60 @@ def test_predict_csv_applies_the_binary_threshold(runs, tmp_path):
         predict_file(run, source, tmp_path / "out.csv")
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("in.csv", b"", r"in.csv: the file is empty"),  # was a pandas EmptyDataError traceback
+    ("in.csv", b"text\n", r"in.csv: no data rows; add rows below the header line"),  # was a 0-byte output
+    ("in.jsonl", b"\n", r"in.jsonl: no data rows; add one JSON object per line"),
+    ("in.csv.gz", b"text\ngoal\n", r"in.csv.gz: not gzip data"),
+    ("in.csv", b"text\ngoal match\n\xff\n", r"in.csv:3: not UTF-8 text"),
+    ("in.csv", None, r"input file not found"),  # raised only after creating an empty output
+    ("in.csv", "folder", r"in.csv is a folder, not a file"),
+], ids=["0-byte", "header-only", "blank-jsonl", "not-gzip", "not-utf8", "missing", "folder"])
+def test_bad_predict_input_leaves_no_output_and_a_retry_succeeds(runs, tmp_path, name, content, message):
+    source = tmp_path / name
+    if content == "folder":
+        source.mkdir()
+    elif content is not None:
+        source.write_bytes(content)
+    output = tmp_path / "out" / "pred.csv"
+    output.parent.mkdir()
+    run = load_run(runs["topics"])
+    with pytest.raises(NewstuneError, match=message):
+        predict_file(run, source, output)
+    assert list(output.parent.iterdir()) == []
+    good = write_csv(tmp_path / "good.csv", synthetic_rows(5, 4))
+    assert predict_file(run, good, output)["predicted"] == 5
+
+
+def test_predict_into_a_missing_folder_is_refused_before_work(runs, tmp_path):
+    good = write_csv(tmp_path / "good.csv", synthetic_rows(5, 4))
+    with pytest.raises(NewstuneError, match=r"output folder .*nope does not exist; create it"):  # FileNotFoundError
+        predict_file(load_run(runs["topics"]), good, tmp_path / "nope" / "pred.csv")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_predict_failing_midway_leaves_no_partial_output(runs, tmp_path, monkeypatch):
+    import newstune.predict
+
+    real = newstune.predict._probabilities
+    calls = []
+
+    def fails_on_the_second_chunk(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(newstune.predict, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(newstune.predict, "_probabilities", fails_on_the_second_chunk)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in synthetic_rows(10, 6)))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict_file(load_run(runs["topics"]), source, tmp_path / "out" / "pred.jsonl")
+    assert list((tmp_path / "out").iterdir()) == []  # the first chunk's rows were written to a partial file
+
+
 def test_merged_export_loads_without_peft_and_agrees(runs, tmp_path):
     checks = export_merged(runs["topics"], tmp_path / "merged")
     assert checks["merged"]["same_argmax"] and checks["merged"]["max_abs_logit_diff"] < 1e-4
@@ -79,6 +133,52 @@ def test_merged_export_loads_without_peft_and_agrees(runs, tmp_path):
     ids = run.tokenizer(["goal match team", "stock market profit bank"])["input_ids"]
     assert torch.allclose(predict_logits(plain, ids, 0), predict_logits(run.model, ids, 0), atol=1e-4)
     assert plain.config.id2label[0] == run.label_names[0]
+
+
+def test_failed_int8_agreement_writes_nothing_unless_forced(runs, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import newstune.export
+
+    real = newstune.export._onnx_logits
+
+    def int8_disagrees(ort, path, ids, pad):
+        logits = real(ort, path, ids, pad)
+        return -logits if str(path).endswith(".int8.onnx") else logits
+
+    monkeypatch.setattr(newstune.export, "_onnx_logits", int8_disagrees)
+    target = tmp_path / "export" / "merged"
+    with pytest.raises(NewstuneError, match=r"'onnx_int8' predicts another class .* of 5 check texts .*"
+                                            r"nothing was written \(--force keeps the export anyway\)"):
+        export_merged(runs["topics"], target, onnx=True, quantize=True)  # was "same_argmax": false and exit 0
+    assert list(target.parent.iterdir()) == []
+    checks = export_merged(runs["topics"], target, onnx=True, quantize=True, force=True)
+    assert checks["onnx"]["same_argmax"] and not checks["onnx_int8"]["same_argmax"]
+    assert json.loads((target / "export_checks.json").read_text()) == checks
+
+
+def test_export_cli_exits_2_with_one_line_when_a_check_fails(runs, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import newstune.export
+    from newstune.cli import main
+
+    real = newstune.export.predict_logits
+    calls = []
+
+    def merged_disagrees(*args, **kwargs):
+        calls.append(1)
+        logits = real(*args, **kwargs)
+        return torch.roll(logits, 1, dims=1) if len(calls) == 2 else logits  # the 2nd call scores the merged model
+
+    monkeypatch.setattr(newstune.export, "predict_logits", merged_disagrees)
+    monkeypatch.setattr(sys, "argv", ["newstune", "export", str(runs["topics"]), "--merged", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: export check failed: 'merged' predicts another class")
+    assert last.endswith("(--force keeps the export anyway)")
+    assert not (tmp_path / "m").exists()  # the old merged check raised after writing the folder
 
 
 def test_service_shares_one_base_and_switches_adapters(runs):

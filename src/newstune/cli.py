@@ -112,13 +112,14 @@ def export(
     merged: Annotated[Path, typer.Option("--merged", help="Output folder for the merged HF model.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx and check it.")] = False,
     quantize: Annotated[bool, typer.Option("--quantize", help="Also a dynamic int8 ONNX model.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Keep the export even if an agreement check fails.")] = False,
 ) -> None:
     """Merge LoRA into the base weights: a plain model folder that loads without peft."""
     import json
 
     from newstune.export import export_merged
 
-    checks = export_merged(run, merged, onnx, quantize)
+    checks = export_merged(run, merged, onnx, quantize, force=force)
     typer.echo(json.dumps(checks, indent=1))
     typer.echo(f"exported to {merged}")
 

@@ -1,17 +1,25 @@
-"""Batch prediction over large files: streamed in chunks, batched by length, bad rows reported by line."""
+"""Batch prediction over large files: streamed in chunks, batched by length, bad rows reported by line.
+
+Everything checkable is checked before any output exists; the output is written under a temporary name in its
+folder and renamed only when every row is done, so a failure never leaves a partial or empty file behind.
+"""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from newstune.data.files import JsonlRow, iter_jsonl, reading
 from newstune.data.registry import build_text
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
@@ -30,7 +38,27 @@ def file_kind(path: Path) -> str:
     return "jsonl" if kind == "json" else kind
 
 
-def read_chunks(path: Path) -> Iterator[list[tuple[int, dict | None, str | None]]]:
+def check_paths(input_path: Path, output_path: Path) -> None:
+    """One line per problem with the two paths, before any work: nothing is read or written yet."""
+    if not input_path.exists():
+        raise NewstuneError(f"input file not found: {input_path}")
+    if not input_path.is_file():
+        raise NewstuneError(f"input {input_path} is a folder, not a file; give the file to label")
+    if not os.access(input_path, os.R_OK):
+        raise NewstuneError(f"input {input_path} is not readable; check its permissions")
+    file_kind(input_path)
+    file_kind(output_path)
+    if output_path.suffix == ".gz":
+        raise NewstuneError(f"--output {output_path}: compressed output is not supported; drop the .gz")
+    if output_path.exists():
+        raise NewstuneError(f"output file {output_path} already exists; choose another --output")
+    if input_path.resolve() == output_path.resolve():
+        raise NewstuneError("--output must differ from --input")
+    if not output_path.parent.is_dir():
+        raise NewstuneError(f"output folder {output_path.parent} does not exist; create it or choose another --output")
+
+
+def read_chunks(path: Path) -> Iterator[list[JsonlRow]]:
     """(line number, record or None, parse error or None), CHUNK_ROWS at a time, never the whole file."""
     if not path.is_file():
         raise NewstuneError(f"input file not found: {path}")
@@ -38,33 +66,21 @@ def read_chunks(path: Path) -> Iterator[list[tuple[int, dict | None, str | None]
     if kind == "jsonl":
         yield from _jsonl_chunks(path)
         return
-    reader = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
-                         chunksize=CHUNK_ROWS, quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL)
-    line = 2
-    for frame in reader:
-        records = frame.to_dict("records")
-        yield [(line + i, record, None) for i, record in enumerate(records)]
-        line += len(records)
+    with reading(path):
+        reader = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
+                             chunksize=CHUNK_ROWS, encoding="utf-8",
+                             quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL)
+        line = 2
+        for frame in reader:
+            records = frame.to_dict("records")
+            if records:
+                yield [(line + i, record, None) for i, record in enumerate(records)]
+            line += len(records)
 
 
-def _jsonl_chunks(path: Path) -> Iterator[list[tuple[int, dict | None, str | None]]]:
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    chunk: list[tuple[int, dict | None, str | None]] = []
-    with opener(path, "rt") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                chunk.append((number, record, None) if isinstance(record, dict) else (number, None, "not an object"))
-            except json.JSONDecodeError as err:
-                chunk.append((number, None, f"invalid JSON: {err.msg}"))
-            if len(chunk) == CHUNK_ROWS:
-                yield chunk
-                chunk = []
-    if chunk:
+def _jsonl_chunks(path: Path) -> Iterator[list[JsonlRow]]:
+    rows = iter_jsonl(path)
+    while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
         yield chunk
 
 
@@ -82,8 +98,8 @@ def row_text(record: dict | None, run: LoadedRun) -> tuple[str | None, str | Non
 class OutputWriter:
     """Writes predictions in the output file's format: input columns + predicted label + one probability per class."""
 
-    def __init__(self, path: Path, label_names: list[str]) -> None:
-        self.kind = file_kind(path)
+    def __init__(self, path: Path, label_names: list[str], kind: str | None = None) -> None:
+        self.kind = kind or file_kind(path)
         self.label_names = label_names
         self.handle = path.open("w", newline="")
         self.writer: csv.DictWriter | None = None
@@ -105,17 +121,40 @@ class OutputWriter:
         self.handle.close()
 
 
+@contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary file in path's folder, renamed to path on success and removed on any failure."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        if path.exists():
+            raise NewstuneError(f"output file {path} appeared while predicting; choose another --output")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def predict_file(run: LoadedRun, input_path: Path, output_path: Path, batch_size: int = 64) -> dict:
     """Predict every row; rows that cannot be read get an `error` and are counted, never dropped."""
-    if output_path.exists():
-        raise NewstuneError(f"output file {output_path} already exists; choose another --output")
-    if input_path.resolve() == output_path.resolve():
-        raise NewstuneError("--output must differ from --input")
-    writer = OutputWriter(output_path, run.label_names)
+    check_paths(input_path, output_path)
+    chunks = read_chunks(input_path)
+    first = next(chunks, None)
+    if first is None:
+        fix = "add one JSON object per line" if file_kind(input_path) == "jsonl" else "add rows below the header line"
+        raise NewstuneError(f"{input_path}: no data rows; {fix}")
+    with staged(output_path) as partial:
+        writer = OutputWriter(partial, run.label_names, file_kind(output_path))
+        try:
+            return _predict_chunks(run, itertools.chain([first], chunks), writer, input_path, batch_size)
+        finally:
+            writer.close()
+
+
+def _predict_chunks(run: LoadedRun, chunks: Iterator[list[JsonlRow]], writer: OutputWriter, input_path: Path,
+                    batch_size: int) -> dict:
     counts = {"rows": 0, "predicted": 0, "errors": 0}
-    bar = tqdm(desc="predict", unit="rows")
-    try:
-        for chunk in read_chunks(input_path):
+    with tqdm(desc="predict", unit="rows") as bar:
+        for chunk in chunks:
             texts = [(number, record, *row_text(record, run)) for number, record, _ in chunk]
             parse_errors = {number: error for number, _, error in chunk if error}
             good = [(n, r, t) for n, r, t, e in texts if t is not None]
@@ -125,15 +164,10 @@ def predict_file(run: LoadedRun, input_path: Path, output_path: Path, batch_size
                 error = parse_errors.get(number) or error
                 writer.write(_output_record(number, record, by_line.get(number), error, run))
                 counts["rows"] += 1
+                counts["errors" if error else "predicted"] += 1
                 if error:
-                    counts["errors"] += 1
                     print(f"{input_path}:{number}: {error}", file=sys.stderr)
-                else:
-                    counts["predicted"] += 1
             bar.update(len(chunk))
-    finally:
-        bar.close()
-        writer.close()
     return counts
 
 
