@@ -2,6 +2,8 @@
 
 import json
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +19,7 @@ from newstune.data.augment import (
 )
 from newstune.data.registry import load_dataset, load_eval_set
 from newstune.errors import NewstuneError
-from newstune.generate import dedupe, filter_by_classifier, generate_synthetic
+from newstune.generate import dedupe, filter_by_classifier, generate_rows, generate_synthetic
 
 from .conftest import SHARED_DATA, needs_shared_data, synthetic_rows, write_csv
 
@@ -137,7 +139,7 @@ def test_dedupe_and_classifier_filter():
     assert [r["label"] for r in filter_by_classifier(unique, classify, 0.7)] == ["sports"]
 
 
-def test_generator_with_a_tiny_random_gpt2(tmp_path):
+def tiny_gpt2(folder: Path) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -147,15 +149,36 @@ def test_generator_with_a_tiny_random_gpt2(tmp_path):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
-    tokenizer.save_pretrained(tmp_path / "gpt2")
-    rows = generate_synthetic(str(tmp_path / "gpt2"), ["sports", "business"], per_class=3, prompt="{label} news :",
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_generator_with_a_tiny_random_gpt2(tmp_path):
+    gpt2 = tiny_gpt2(tmp_path / "gpt2")
+    rows = generate_synthetic(gpt2, ["sports", "business"], per_class=3, prompt="{label} news :",
                               seed=1, min_new_tokens=3, max_new_tokens=6)
     assert len(rows) == 6 and {r["label"] for r in rows} == {"sports", "business"}
     assert all(r["origin"] == "synthetic" and r["text"] for r in rows)
-    again = generate_synthetic(str(tmp_path / "gpt2"), ["sports", "business"], per_class=3,
+    again = generate_synthetic(gpt2, ["sports", "business"], per_class=3,
                                prompt="{label} news :", seed=1, min_new_tokens=3, max_new_tokens=6)
     assert [r["text"] for r in again] == [r["text"] for r in rows]
+
+
+def test_generate_rows_writes_readable_rows_and_never_overwrites(tmp_path):
+    gpt2 = tiny_gpt2(tmp_path / "gpt2")
+    write_csv(tmp_path / "train.csv", synthetic_rows(30, 1))
+    config = SimpleNamespace(data=DataConfig(name="files", dir=tmp_path, train_file="train.csv"),
+                             train=SimpleNamespace(seed=1))
+    output = tmp_path / "out" / "syn.jsonl"
+    sampling = {"min_new_tokens": 3, "max_new_tokens": 6}
+    counts = generate_rows(config, gpt2, output, 3, "{label} news :", None, 0.7, sampling)
+    assert counts["generated"] == 9 and counts["kept"] == counts["after_dedupe"] == len(read_synthetic(output))
+    assert [p.name for p in output.parent.iterdir()] == ["syn.jsonl"]
+    output.write_text("earlier results\n")
+    with pytest.raises(NewstuneError, match="already exists"):
+        generate_rows(config, gpt2, output, 3, "{label} news :", None, 0.7, sampling)
+    assert output.read_text() == "earlier results\n"
 
 
 @needs_shared_data()
