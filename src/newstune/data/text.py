@@ -1,8 +1,8 @@
 """Text cleaning and building input text from structured fields.
 
 Every step is total (no exception on any str) and linear in the text's length: each regex either has a bounded
-body or stops at the next occurrence of its own opening character, so no match attempt rescans text another
-attempt already covered.
+body or a body that cannot contain the character a match starts with, so the spans that match attempts read do not
+overlap and no attempt rescans text another attempt already covered.
 """
 
 from __future__ import annotations
