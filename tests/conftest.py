@@ -103,6 +103,18 @@ def tiny_config(model_dir: Path, data_dir: Path, **overrides) -> dict:
     return config
 
 
+def make_served(model_dir: Path, labels: list[str], name: str = "topics", run_dir: Path | None = None):
+    """A ServedModel over the untrained tiny encoder with a fresh head: HTTP behaviour without training a run."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from newstune.serve import ServedModel
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels)).requires_grad_(False)
+    return ServedModel(name, run_dir or model_dir, model, AutoTokenizer.from_pretrained(model_dir), labels, None,
+                       "fp32", 32, str(model_dir))
+
+
 def needs_shared_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
 

@@ -209,7 +209,7 @@ def test_service_shares_one_base_and_switches_adapters(runs):
     ({"model": "nope", "texts": ["x"]}, 404),
     ({"model": "topics", "texts": []}, 422),
     ({"model": "topics", "texts": ["x"] * (MAX_TEXTS + 1)}, 422),
-    ({"model": "topics", "texts": ["x" * (MAX_CHARS + 1)]}, 413),
+    ({"model": "topics", "texts": ["x" * (MAX_CHARS + 1)]}, 422),
     ({"model": "topics", "texts": ["   "]}, 422),
     ({"model": "topics", "texts": "not a list"}, 422),
     ({"texts": ["x"]}, 422),

@@ -5,21 +5,29 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, Field, StringConstraints
 
+from newstune.config import CleanConfig
+from newstune.data.text import clean_text
 from newstune.evaluate import decide, softmax
+from newstune.guard import VISIBLE, BodyLimit, Detail, Problems, has_visible, validation_error
 from newstune.infer import predict_logits
 from newstune.run import load_run, read_metrics
 
 MAX_TEXTS = 64
 MAX_CHARS = 5000
+# json.dumps' default writes non-ASCII as \uXXXX, 6 bytes a character; 64 KiB more covers the JSON around the texts.
+MAX_BODY_BYTES = MAX_TEXTS * MAX_CHARS * 6 + 64 * 1024
 
 
 @dataclass
@@ -33,9 +41,14 @@ class ServedModel:
     precision: str
     max_length: int
     base_model: str
+    clean: CleanConfig = field(default_factory=CleanConfig)
+
+    def cleaned(self, text: str) -> str:
+        """The text as the run saw its training data (the same cleaning as `newstune predict`)."""
+        return clean_text(text, self.clean)
 
     def classify(self, texts: list[str]) -> list[dict]:
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer([self.cleaned(t) for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
         logits = predict_logits(self.model, ids, self.tokenizer.pad_token_id, 64, self.precision)
         probs = softmax(logits.numpy().astype(np.float64))
         labels = decide(probs, self.threshold)
@@ -80,7 +93,8 @@ def load_served(specs: list[str]) -> dict[str, ServedModel]:
         pool = pools.setdefault((run.config.model.name, frozen), {})
         share_base_weights(run.model, pool)
         served[name] = ServedModel(name, run.run_dir, run.model, run.tokenizer, run.label_names, run.threshold,
-                                   run.precision, run.config.data.max_length, run.config.model.name)
+                                   run.precision, run.config.data.max_length, run.config.model.name,
+                                   run.config.data.clean)
     return served
 
 
@@ -97,41 +111,65 @@ class MicroBatcher:
         self.task: asyncio.Task | None = None
 
     async def classify(self, texts: list[str]) -> list[dict]:
-        if self.task is None:
-            self.task = asyncio.create_task(self._worker())
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            # A worker and its queue belong to one event loop; each test client (or server) may bring its own.
+            self.queue = asyncio.Queue()
+            self.task = loop.create_task(self._worker(self.queue))
+        future = loop.create_future()
         await self.queue.put((texts, future))
         return await future
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _worker(self, queue: asyncio.Queue[tuple[list[str], asyncio.Future]]) -> None:
         while True:
-            pending = [await self.queue.get()]
+            pending = [await queue.get()]
             deadline = time.perf_counter() + self.max_wait
             while sum(len(t) for t, _ in pending) < self.max_batch:
                 timeout = deadline - time.perf_counter()
                 if timeout <= 0:
                     break
                 try:
-                    pending.append(await asyncio.wait_for(self.queue.get(), timeout))
+                    pending.append(await asyncio.wait_for(queue.get(), timeout))
                 except TimeoutError:
                     break
-            texts = [text for batch, _ in pending for text in batch]
-            try:
-                results = await loop.run_in_executor(self.executor, self.model.classify, texts)
-            except Exception as err:  # noqa: BLE001 -- a failed batch fails its requests, not the server
-                for _, future in pending:
-                    future.set_exception(err)
-                continue
-            start = 0
-            for batch, future in pending:
-                future.set_result(results[start:start + len(batch)])
-                start += len(batch)
+            await self._run(pending)
+
+    async def _run(self, pending: list[tuple[list[str], asyncio.Future]]) -> None:
+        texts = [text for batch, _ in pending for text in batch]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.classify, texts)
+        except Exception as err:  # noqa: BLE001 -- a failed batch fails its requests, not the server
+            if len(pending) == 1:
+                _settle(pending[0][1], error=err)
+                return
+            for request in pending:  # one request's text must not fail the others batched with it
+                await self._run([request])
+            return
+        start = 0
+        for batch, future in pending:
+            _settle(future, results[start:start + len(batch)])
+            start += len(batch)
+
+
+def _settle(future: asyncio.Future, result: list[dict] | None = None, error: Exception | None = None) -> None:
+    if future.done():  # its request was cancelled (the client left)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+# The length constraint makes pydantic check the text is valid Unicode: a lone surrogate is a 422 (string_unicode).
+NewsText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHARS),
+                     Field(description=f"1-{MAX_CHARS} characters of valid Unicode (no lone surrogates) that keep "
+                                       f"{VISIBLE} through the run's own cleaning (HTML tags, entities), else 422.",
+                           json_schema_extra={"format": "visible-text"})]
 
 
 class ClassifyRequest(BaseModel):
-    model: str = Field(description="A served model name (GET /v1/models).")
-    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS, description=f"1-{MAX_TEXTS} texts.")
+    model: str = Field(description="A served model name (GET /v1/models); another name is 404.")
+    texts: list[NewsText] = Field(min_length=1, max_length=MAX_TEXTS, description=f"1-{MAX_TEXTS} texts.")
 
 
 class Prediction(BaseModel):
@@ -144,8 +182,34 @@ class ClassifyResponse(BaseModel):
     results: list[Prediction]
 
 
-def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0) -> FastAPI:
-    app = FastAPI(title="newstune", description="News classifiers trained with newstune.", version="1")
+class ServedInfo(BaseModel):
+    name: str
+    labels: list[str]
+    threshold: float | None
+    base_model: str = Field(description="A hub id, or the folder name of a local model (never its path).")
+    run: str = Field(description="The run's folder name (never its path on the server).")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Detail, "description": "The body is not UTF-8 text (FastAPI cannot read it as JSON)."},
+    404: {"model": Detail, "description": "Unknown model."},
+    413: {"model": Detail, "description": f"Request body over {MAX_BODY_BYTES} bytes."},
+    422: {"model": Problems, "description": "Invalid request: where (loc), what (msg) and its kind (type)."},
+}
+
+
+def public_name(name: str) -> str:
+    """A hub id as it is; a local path as its last part, so no response shows the server's folders."""
+    return Path(name).name if Path(name).is_absolute() else name
+
+
+def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    # FastAPIOffline: /docs and /redoc load their JS/CSS from this server, not a CDN (they work offline)
+    app = FastAPIOffline(title="newstune", description="News classifiers trained with newstune.", version="1")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    _name_models_in_schema(app, list(served))
     executor = ThreadPoolExecutor(max_workers=1)  # one torch worker: the cores are shared, not split
     batchers = {name: MicroBatcher(model, executor, max_wait_ms=max_wait_ms) for name, model in served.items()}
 
@@ -154,19 +218,20 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0) -> Fast
         return {"status": "ok", "models": list(served)}
 
     @app.get("/v1/models")
-    def models() -> list[dict]:
-        return [{"name": m.name, "labels": m.label_names, "threshold": m.threshold, "base_model": m.base_model,
-                 "run": str(m.run_dir)} for m in served.values()]
+    def models() -> list[ServedInfo]:
+        return [ServedInfo(name=m.name, labels=m.label_names, threshold=m.threshold,
+                           base_model=public_name(m.base_model), run=m.run_dir.name) for m in served.values()]
 
-    @app.post("/v1/classify", response_model=ClassifyResponse)
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(request: ClassifyRequest) -> ClassifyResponse:
-        if request.model not in served:
-            raise HTTPException(404, f"unknown model '{request.model}'; GET /v1/models lists {list(served)}")
-        for i, text in enumerate(request.texts):
-            if not text.strip():
-                raise HTTPException(422, f"texts[{i}] is empty")
-            if len(text) > MAX_CHARS:
-                raise HTTPException(413, f"texts[{i}] has {len(text)} characters; the limit is {MAX_CHARS}")
+        model = served.get(request.model)
+        if model is None:
+            raise HTTPException(404, f"unknown model; GET /v1/models lists {list(served)}")
+        empty = [i for i, text in enumerate(request.texts) if not has_visible(model.cleaned(text))]
+        if empty:
+            raise RequestValidationError([{"loc": ("body", "texts", i), "type": "empty_text",
+                                           "msg": f"text is empty: it has no {VISIBLE} once cleaned"}
+                                          for i in empty])
         results = await batchers[request.model].classify(request.texts)
         return ClassifyResponse(model=request.model, results=[Prediction(**r) for r in results])
 
@@ -175,6 +240,19 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0) -> Fast
         return (Path(__file__).parent / "page.html").read_text()
 
     return app
+
+
+def _name_models_in_schema(app: FastAPI, names: list[str]) -> None:
+    """The schema lists this server's model names, so clients (and Swagger's 'Try it out') can pick one."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        if names:
+            schema["components"]["schemas"]["ClassifyRequest"]["properties"]["model"]["enum"] = names
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def serve(specs: list[str], host: str, port: int) -> None:

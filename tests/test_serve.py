@@ -1,0 +1,180 @@
+"""The HTTP service's edge and failure handling (over an untrained tiny classifier), and serve agreeing with predict."""
+
+import asyncio
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from newstune.infer import predict_logits
+from newstune.predict import predict_file
+from newstune.run import load_run
+from newstune.serve import MAX_BODY_BYTES, MAX_CHARS, MAX_TEXTS, MicroBatcher, create_app, load_served
+
+from .conftest import make_served
+from .test_use import runs  # noqa: F401 -- the module fixture with two trained tiny runs
+
+LABELS = ["sports", "business", "science"]
+SECRET = "SECRET-PAYLOAD-"
+
+
+@pytest.fixture
+def app(tiny_models):
+    return create_app({"topics": make_served(tiny_models["bert"], LABELS)}, max_wait_ms=100)
+
+
+def post_json(client: TestClient, body: object) -> httpx.Response:
+    """json.dumps keeps what httpx's own encoder refuses (lone surrogates, as \\ud800)."""
+    return client.post("/v1/classify", content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def test_models_show_names_not_server_paths(tiny_models, tmp_path):
+    run_dir = tmp_path / "runs" / "topics-2026"
+    app = create_app({"topics": make_served(tiny_models["bert"], LABELS, run_dir=run_dir)})
+    with TestClient(app) as client:
+        response = client.get("/v1/models")
+    assert response.json() == [{"name": "topics", "labels": LABELS, "threshold": None, "base_model": "bert",
+                                "run": "topics-2026"}]
+    assert str(tmp_path) not in response.text and str(tiny_models["bert"]) not in response.text
+
+
+async def _post_stream(app, headers: dict[str, str]) -> tuple[httpx.Response, int]:
+    """POST a 100 MB body in 64 KiB chunks; returns the response and how many bytes the app pulled."""
+    sent = 0
+
+    async def body():
+        nonlocal sent
+        chunk = b"x" * 65536
+        for _ in range(100 * 1024 * 1024 // len(chunk)):
+            sent += len(chunk)
+            yield chunk
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/v1/classify", content=body(), headers=headers)
+    return response, sent
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-length": str(100 * 1024 * 1024)}], ids=["chunked", "declared"])
+def test_a_100_mb_body_gets_413_without_being_read(app, headers):
+    response, sent = asyncio.run(_post_stream(app, {"content-type": "application/json", **headers}))
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"] and len(response.content) < 200
+    assert sent <= (MAX_BODY_BYTES + 65536 if not headers else 0)
+
+
+def test_the_largest_valid_request_fits_under_the_body_cap(app):
+    body = {"model": "topics", "texts": ["é" * MAX_CHARS] * MAX_TEXTS}  # \u00e9: 6 bytes a character
+    assert len(json.dumps(body)) > MAX_TEXTS * MAX_CHARS * 6
+    with TestClient(app) as client:
+        assert post_json(client, body).status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "topics", "texts": SECRET * 100_000},
+    {"model": "topics", "texts": ["ok", SECRET * 1000]},
+    {"model": SECRET * 1000, "texts": ["ok"]},
+], ids=["texts-not-a-list", "text-too-long", "unknown-model"])
+def test_errors_never_echo_the_request(app, body):
+    with TestClient(app) as client:
+        response = post_json(client, body)
+    assert response.status_code in (404, 422) and SECRET not in response.text
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("\ud800 lone surrogate", "string_unicode"),
+    (" \t\u200b\u00a0\u2028\u0000", "empty_text"),
+    ("<b> </b>&nbsp;", "empty_text"),  # visible, but the run's HTML cleaning leaves nothing
+    ("", "string_too_short"),
+    ("x" * (MAX_CHARS + 1), "string_too_long"),
+])
+def test_a_bad_text_is_a_422_with_a_list_of_problems(app, text, kind):
+    with TestClient(app) as client:
+        response = post_json(client, {"model": "topics", "texts": ["goal match", text]})
+    assert response.status_code == 422
+    assert response.json() == {"detail": [{"loc": ["body", "texts", 1], "msg": response.json()["detail"][0]["msg"],
+                                           "type": kind}]}
+
+
+def test_a_bad_request_among_concurrent_ones_fails_only_itself(app, tiny_models):
+    """One request with a text the edge rejects, one whose text makes the model raise, 20 good ones, batched."""
+    served = make_served(tiny_models["bert"], LABELS)
+    calls = []
+    original = served.classify
+
+    def classify(texts):
+        calls.append(len(texts))
+        if "poison" in texts:
+            raise TypeError("the tokenizer choked")
+        return original(texts)
+
+    served.classify = classify
+    app = create_app({"topics": served}, max_wait_ms=200)
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            texts = [[f"goal match {i}"] for i in range(10)] + [["\ud800"], ["poison"]] + \
+                    [[f"stock market {i}"] for i in range(10)]
+            return await asyncio.gather(*(client.post("/v1/classify", content=json.dumps(
+                {"model": "topics", "texts": t}), headers={"content-type": "application/json"}) for t in texts))
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 10 + [422, 500] + [200] * 10
+    assert calls[0] == 21  # the good ones and the poisoned one were one batch, then re-run one by one
+
+
+class FlakyModel:
+    """classify() raises whenever a batch holds the text 'poison'."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def classify(self, texts: list[str]) -> list[dict]:
+        self.calls.append(texts)
+        if "poison" in texts:
+            raise TypeError("bad text")
+        return [{"label": text} for text in texts]
+
+
+def test_the_batcher_isolates_a_failing_request():
+    model = FlakyModel()
+    batcher = MicroBatcher(model, ThreadPoolExecutor(max_workers=1), max_wait_ms=200)
+
+    async def burst():
+        return await asyncio.gather(batcher.classify(["a", "b"]), batcher.classify(["poison"]),
+                                    batcher.classify(["c"]), return_exceptions=True)
+
+    first, poisoned, last = asyncio.run(burst())
+    assert first == [{"label": "a"}, {"label": "b"}] and last == [{"label": "c"}]
+    assert isinstance(poisoned, TypeError)
+    assert model.calls[0] == ["a", "b", "poison", "c"]
+
+
+def test_docs_load_nothing_from_outside(app):
+    with TestClient(app) as client:
+        for page in ("/docs", "/redoc"):
+            html = client.get(page).text
+            assert not re.search(r"https?://", html), page
+            assets = re.findall(r"""(?:src|href|url)\s*[=:]\s*["']([^"']+)["']""", html)
+            assert any(a.endswith(".js") for a in assets), page
+            for asset in assets:
+                assert client.get(asset).status_code == 200, asset
+
+
+def test_serve_cleans_texts_as_predict_does(runs, tmp_path):  # noqa: F811
+    text = "Goal <b>match</b> for the team#39;s coach &amp; league"
+    run = load_run(runs["topics"])
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": text}) + "\n")
+    predict_file(run, source, tmp_path / "out.jsonl")
+    predicted = json.loads((tmp_path / "out.jsonl").read_text())["probabilities"]
+    with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
+        served = client.post("/v1/classify", json={"model": "topics", "texts": [text]}).json()["results"][0]
+    assert served["probabilities"] == predicted
+    raw = predict_logits(run.model, run.tokenizer([text])["input_ids"], 0, precision=run.precision).softmax(1)[0]
+    assert [round(float(p), 6) for p in raw] != list(predicted.values())  # the cleaning matters for this text
