@@ -5,10 +5,15 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from newstune.serve import create_app, load_served
+
+from .conftest import make_served
 from .test_use import runs  # noqa: F401 -- the module fixture with two trained tiny runs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -20,23 +25,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def live_server(runs):  # noqa: F811
+@contextmanager
+def live(app) -> Iterator[str]:
+    """The app on a uvicorn server in a thread; yields its base URL."""
     import uvicorn
 
-    from newstune.serve import create_app, load_served
-
     port = free_port()
-    served = load_served([f"topics={runs['topics']}", f"fake_or_true={runs['binary']}"])
-    server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(runs):  # noqa: F811
+    served = load_served([f"topics={runs['topics']}", f"fake_or_true={runs['binary']}"])
+    with live(create_app(served)) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -60,8 +72,35 @@ def test_page_classifies_a_headline(live_server, tmp_path):
         page.fill("#text", "x" * 6000)
         page.click("#go")
         page.wait_for_selector("#error:not(:empty)")
-        assert "limit" in page.locator("#error").inner_text()
+        assert "at most 5000 characters" in page.locator("#error").inner_text()
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 5000
     if os.environ.get("NEWSTUNE_SCREENSHOT_DIR"):
         shutil.copy(tmp_path / "page.png", Path(os.environ["NEWSTUNE_SCREENSHOT_DIR"]) / "page_test_screenshot.png")
+
+
+# Run folders are written by whoever trained them: their label and model names must reach the page as text.
+PAYLOAD_LABELS = [f"""<img src=x onerror="window.pwned=1;document.title='pwned'">{topic}"""
+                  for topic in ("sports", "business", "science")]
+PAYLOAD_MODEL = """<img src=y onerror="window.pwned=1">news" onfocus="window.pwned=1"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_page_shows_names_as_text_and_runs_no_script_in_them(tiny_models):
+    playwright = pytest.importorskip("playwright.sync_api")
+    app = create_app({PAYLOAD_MODEL: make_served(tiny_models["bert"], PAYLOAD_LABELS, name=PAYLOAD_MODEL)})
+    with live(app) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#model option", state="attached")
+        page.fill("#text", "goal match team")
+        page.click("#go")
+        page.wait_for_selector("#label")
+        page.wait_for_load_state("networkidle")  # an injected <img src=x> would have failed to load by now
+        assert page.evaluate("window.pwned") is None and page.title() == "newstune"
+        assert page.locator("#model option").inner_text() == f"{PAYLOAD_MODEL} (3 labels)"
+        assert page.locator("#label").inner_text() in PAYLOAD_LABELS
+        assert sorted(page.locator(".row .name").all_inner_texts()) == sorted(PAYLOAD_LABELS)
+        browser.close()
