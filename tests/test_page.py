@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from newstune.serve import create_app, load_served
@@ -65,8 +66,14 @@ def test_page_classifies_a_headline(live_server, tmp_path):
         page.fill("#text", "goal match team coach league")
         page.click("#go")
         page.wait_for_selector("#label")
-        assert page.locator("#label").inner_text() in {"sports", "business", "science"}
+        # the page shows what the API answers for the same text: its label and each class's probability
+        api = httpx.post(live_server + "/v1/classify",
+                         json={"model": "topics", "texts": ["goal match team coach league"]}).json()["results"][0]
+        assert page.locator("#label").inner_text() == api["label"] == "sports"
         assert page.locator(".bar").count() == 3
+        widths = page.eval_on_selector_all(".bar", "bars => bars.map(b => parseFloat(b.style.width))")
+        assert sorted(widths, reverse=True) == pytest.approx(
+            sorted((100 * p for p in api["probabilities"].values()), reverse=True), abs=0.06)
         page.screenshot(path=str(tmp_path / "page.png"))
         page.select_option("#model", "fake_or_true")
         page.fill("#text", "x" * 6000)

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from newstune.config import validate
 from newstune.errors import NewstuneError
+from newstune.evaluate import decide, softmax
 from newstune.export import export_merged
 from newstune.infer import predict_logits
 from newstune.predict import predict_file
@@ -198,9 +199,10 @@ def test_service_shares_one_base_and_switches_adapters(runs):
             assert got == [r["label"] for r in served[name].classify(texts)]
             run = load_run(served[name].run_dir)
             ids = run.tokenizer(texts)["input_ids"]
-            own = predict_logits(run.model, ids, 0, precision=run.precision).argmax(1)
-            if run.threshold is None:
-                assert got == [run.label_names[i] for i in own]
+            probs = softmax(predict_logits(run.model, ids, 0, precision=run.precision).numpy().astype(np.float64))
+            # the binary run decides with its tuned threshold, the topic run by argmax
+            assert (run.threshold is not None) == (name == "binary")
+            assert got == [run.label_names[i] for i in decide(probs, run.threshold)]
         assert len(client.post("/v1/classify", json={"model": "binary", "texts": texts}).json()["results"][0][
             "probabilities"]) == 2
 
