@@ -1,6 +1,7 @@
 """compare / report / profile / sweep on tiny models."""
 
 import json
+import time
 
 import optuna
 import pytest
@@ -93,15 +94,116 @@ def test_sweep_budget_interrupt_and_resume(tiny_models, tiny_data, tmp_path, mon
     with pytest.raises(Exception, match="exists"):
         sweep(recipe, [], grid, tmp_path / "sw", max_trainable=2_000)
     rows = sweep(recipe, [], grid, tmp_path / "sw", max_trainable=2_000, resume=True)
-    assert sorted(r["lora.r"] for r in rows) == [2, 4]
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'sw' / 'study.db'}")
+    # the interrupted configuration was trained again on resume, and a Ctrl-C is no failed try
+    assert {r["lora.r"]: (r["status"], r["failures"]) for r in rows} == {2: ("ok", 0), 4: ("ok", 0),
+                                                                          32: ("skipped", 0)}
+    assert len(calls) == 2 and sorted(r["lora.r"] for r in rows if r["status"] == "ok") == [2, 4]
+    study = load_study(tmp_path / "sw")
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert any(t.params.get("lora.r") == 32 for t in pruned)
+    assert [t.params.get("lora.r") for t in pruned] == [32]
     for name in ("sweep.md", "metric_vs_params.png", "best_recipe.yaml", "best_test.json"):
         assert (tmp_path / "sw" / name).is_file(), name
-    trial_runs = [r["run_dir"] for r in rows]
+    trial_runs = [r["run_dir"] for r in rows if r["status"] == "ok"]
     assert all("test" not in json.loads(open(f"{d}/metrics.json").read()) or d == rows[0]["run_dir"]
                for d in trial_runs)
+
+
+def load_study(sweep_dir):
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+
+
+def flaky_trainer(monkeypatch, fails: int, point: str = "lora.r=4") -> list[str]:
+    """The real trainer, except that the first `fails` trainings of one grid point fail (FAILED written, as the
+    real one does). Returns the lora.r override of every training call."""
+    import newstune.sweep as sweep_module
+
+    real_train, calls = sweep_module.train_in_subprocess, []
+
+    def train(recipe, overrides, run_dir, log_path):
+        calls.append(next(item for item in overrides if item.startswith("lora.r=")))
+        if calls[-1] == point and calls.count(point) <= fails:
+            run_dir.mkdir(parents=True)
+            (run_dir / "FAILED").write_text(f"RuntimeError: out of memory (try {calls.count(point)})\n")
+            return False
+        return real_train(recipe, overrides, run_dir, log_path)
+
+    monkeypatch.setattr(sweep_module, "train_in_subprocess", train)
+    return calls
+
+
+def test_sweep_retries_a_failed_training(tiny_models, tiny_data, tmp_path, monkeypatch):
+    recipe = recipe_file(tmp_path, tiny_models, tiny_data)
+    calls = flaky_trainer(monkeypatch, fails=1)
+    rows = sweep(recipe, [], ["lora.r=2,4"], tmp_path / "sw", max_trainable=None)
+    assert sorted(calls) == ["lora.r=2", "lora.r=4", "lora.r=4"]
+    assert {r["lora.r"]: (r["status"], r["failures"]) for r in rows} == {2: ("ok", 0), 4: ("ok", 1)}
+    states = sorted((t.params["lora.r"], t.state.name) for t in load_study(tmp_path / "sw").trials)
+    assert states == [(2, "COMPLETE"), (4, "COMPLETE"), (4, "FAIL")]
+
+
+def test_sweep_reports_a_configuration_that_always_fails(tiny_models, tiny_data, tmp_path, monkeypatch):
+    recipe = recipe_file(tmp_path, tiny_models, tiny_data)
+    calls = flaky_trainer(monkeypatch, fails=99)
+    rows = sweep(recipe, [], ["lora.r=2,4"], tmp_path / "sw", max_trainable=None, max_retry=2)
+    assert sorted(calls) == ["lora.r=2"] + ["lora.r=4"] * 3
+    assert [(r["lora.r"], r["status"]) for r in rows] == [(2, "ok"), (4, "failed")]
+    failed = rows[1]
+    assert failed["failures"] == 3 and failed["reason"] == "RuntimeError: out of memory (try 3)"
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text()) == rows
+    table = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "| failed | 3 |" in table and "out of memory (try 3)" in table
+    assert yaml.safe_load((tmp_path / "sw" / "best_recipe.yaml").read_text())["lora"]["r"] == 2
+    assert json.loads((tmp_path / "sw" / "best_test.json").read_text())["trial"] == rows[0]["trial"]
+
+
+def test_pending_grid_points_never_count_a_failure_as_done():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from newstune.sweep import pending_grid_points, trial_outcomes
+
+    study = optuna.create_study()
+    space = {"lora.r": CategoricalDistribution([2, 4, 8])}
+    combos = [{"lora.r": 2}, {"lora.r": 4}, {"lora.r": 8}]
+
+    def add(r, state, **user_attrs):
+        study.add_trial(create_trial(state=state, params={"lora.r": r}, distributions=space, user_attrs=user_attrs,
+                                     value=0.5 if state == TrialState.COMPLETE else None))
+
+    add(2, TrialState.COMPLETE, validation={})
+    add(8, TrialState.PRUNED, skipped=9_999)
+    add(4, TrialState.FAIL, failure="out of memory")
+    assert pending_grid_points(study, combos, max_retry=2) == [{"lora.r": 4}]
+    add(4, TrialState.FAIL, interrupted=True)  # Ctrl-C: not a failed try
+    add(4, TrialState.FAIL, failure="out of memory")
+    assert pending_grid_points(study, combos, max_retry=2) == [{"lora.r": 4}]
+    add(4, TrialState.FAIL, failure="out of memory")
+    assert pending_grid_points(study, combos, max_retry=2) == []
+    statuses = {key: o["status"] for key, o in trial_outcomes(study, max_retry=2).items()}
+    assert statuses == {'{"lora.r": 2}': "ok", '{"lora.r": 8}': "skipped", '{"lora.r": 4}': "failed"}
+
+
+def test_sweep_retries_a_killed_trial(tiny_models, tiny_data, tmp_path, monkeypatch):
+    import newstune.sweep as sweep_module
+    from newstune.config import load_config
+
+    monkeypatch.setattr(sweep_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(sweep_module, "GRACE_S", 1)
+    recipe = recipe_file(tmp_path, tiny_models, tiny_data)
+    (tmp_path / "sw").mkdir()
+    # what a worker killed mid-training leaves: a RUNNING trial whose heartbeat stopped
+    study, _ = sweep_module.open_study(tmp_path / "sw", "tiny", {"lora.r": [2]}, "grid", 7,
+                                       load_config(recipe, []).train.metric, 2)
+    with pytest.warns(UserWarning, match="Heartbeat"):  # optuna would rather beat inside study.optimize
+        killed = study.ask()
+    killed.suggest_categorical("lora.r", [2])
+    study._storage.record_heartbeat(killed._trial_id)
+    time.sleep(2)  # past GRACE_S
+    rows = sweep(recipe, [], ["lora.r=2"], tmp_path / "sw", max_trainable=None, resume=True)
+    assert [(r["lora.r"], r["status"], r["failures"]) for r in rows] == [(2, "ok", 1)]
+    trials = load_study(tmp_path / "sw").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].system_attrs["retry_history"] == [0]  # re-queued by optuna's retry callback
 
 
 @pytest.mark.parametrize("cached", [False, True])

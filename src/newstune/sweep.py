@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from newstune.config import RunConfig, apply_overrides, dump_config, load_config, parse_override, validate
 from newstune.errors import NewstuneError
 from newstune.report import run_row, write_report
+
+if TYPE_CHECKING:
+    import optuna
+
+    AfterTrial = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 # The seed projects' question: what do AMP and LoRA buy? Full fine-tuning needs a far smaller learning rate.
 DEFAULT_VARIANTS = [
@@ -97,15 +106,25 @@ def config_for(base_raw: dict, params: dict) -> RunConfig:
     return validate(raw, "sweep")
 
 
+MAX_RETRY = 2  # a configuration whose training fails this many more times is reported as failed
+HEARTBEAT_S, GRACE_S = 30, 90  # a trial whose worker sent no heartbeat for GRACE_S was killed: it is re-queued
+SETTLED = ("ok", "skipped", "failed")
+
+
+class TrainingFailed(Exception):
+    """A trial's training run failed (reason in its FAILED file): the trial becomes FAIL and is re-queued."""
+
+
 def sweep(recipe: Path, overrides: list[str], grid_items: list[str], out_dir: Path | None,
           max_trainable: int | None, sampler: str = "grid", trials: int | None = None, metric: str | None = None,
-          resume: bool = False) -> list[dict]:
-    """Optuna study in out_dir/study.db: interruptible and resumable; parallel workers may share it."""
-    import optuna
-
+          resume: bool = False, max_retry: int = MAX_RETRY) -> list[dict]:
+    """Optuna study in out_dir/study.db: interruptible and resumable; parallel workers may share it.
+    A failed or killed training is retried up to max_retry times."""
     base = load_config(recipe, overrides)
     base_raw = yaml.safe_load(dump_config(base))
     grid = parse_grid(grid_items)
+    if not grid:
+        raise NewstuneError("a sweep needs at least one --grid key=v1,v2,...")
     metric = metric or base.train.metric
     out_dir = out_dir or base.output_dir / f"sweep-{base.name}"
     if out_dir.exists() and not resume:
@@ -113,58 +132,141 @@ def sweep(recipe: Path, overrides: list[str], grid_items: list[str], out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     budget = filter_budget(base_raw, combos, max_trainable, out_dir)
-    # Heartbeats let a resumed (or parallel) sweep retry trials of a worker that was killed mid-trial.
-    storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'study.db'}", heartbeat_interval=30,
-                                         grace_period=90)
-    samplers = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.RandomSampler,
-                "tpe": optuna.samplers.TPESampler}
-    study = optuna.create_study(study_name=base.name, storage=storage, load_if_exists=True,
-                                direction="minimize" if metric == "loss" else "maximize",
-                                sampler=samplers[sampler](seed=base.train.seed))
-    optuna.storages.fail_stale_trials(study)
+    study, retry = open_study(out_dir, base.name, grid, sampler, base.train.seed, metric, max_retry)
+    objective = make_objective(recipe, overrides, grid, budget, out_dir, metric)
+    points = combos if sampler == "grid" else []  # random/tpe try `trials` configurations, not all of them
+    target = len(points) or trials or 0
+    run_until_settled(study, objective, functools.partial(requeue, retry=retry), points, target, max_retry)
+    return summarise_sweep(study, out_dir, recipe, metric, base_raw, grid, points, max_retry)
+
+
+def open_study(out_dir: Path, name: str, grid: dict, sampler: str, seed: int, metric: str,
+               max_retry: int) -> tuple[optuna.Study, AfterTrial]:
+    """The study and its retry callback; the storage's heartbeats re-queue the trials of a killed worker."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9 renamed the callback
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+            callback = {"heartbeat_stale_trial_callback": retry}
+        else:
+            retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
+            callback = {"failed_trial_callback": retry}
+        storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'study.db'}", heartbeat_interval=HEARTBEAT_S,
+                                             grace_period=GRACE_S, **callback)
+    samplers = {"grid": lambda: optuna.samplers.GridSampler(grid, seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                direction="minimize" if metric == "loss" else "maximize", sampler=samplers[sampler]())
+    return study, retry
+
+
+def make_objective(recipe: Path, overrides: list[str], grid: dict, budget: dict, out_dir: Path,
+                   metric: str) -> Callable[[optuna.Trial], float]:
+    import optuna
 
     def objective(trial: optuna.Trial) -> float:
         params = {key: trial.suggest_categorical(key, values) for key, values in grid.items()}
-        key = json.dumps(params, sort_keys=True)
+        key = params_key(params)
         if key in budget["skipped"]:
             trial.set_user_attr("skipped", budget["skipped"][key])
             raise optuna.TrialPruned(f"over the trainable-parameter budget: {budget['skipped'][key]:,}")
         run_dir = out_dir / f"trial-{trial.number:03d}"
         if run_dir.exists():
             run_dir = out_dir / f"trial-{trial.number:03d}-{int(time.time())}"
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("trainable", budget["counts"].get(key))
+        # A retry inherits the user attributes of the try it repeats.
+        for name, value in {"run_dir": str(run_dir), "trainable": budget["counts"].get(key), "failure": None,
+                            "interrupted": False}.items():
+            trial.set_user_attr(name, value)
         override_list = [f"{k}={json.dumps(v)}" for k, v in params.items()] + ["eval.test=false"]
-        if not train_in_subprocess(recipe, [*overrides, *override_list], run_dir, out_dir / f"{run_dir.name}.log"):
-            raise optuna.TrialPruned((run_dir / "FAILED").read_text().strip())
+        try:
+            trained = train_in_subprocess(recipe, [*overrides, *override_list], run_dir,
+                                          out_dir / f"{run_dir.name}.log")
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        if not trained:
+            reason = (run_dir / "FAILED").read_text().strip()
+            trial.set_user_attr("failure", reason)
+            raise TrainingFailed(reason)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         validation = {k: metrics["validation"][k] for k in ("accuracy", "macro_f1", "loss")}
         trial.set_user_attr("validation", validation)
         trial.set_user_attr("trainable", metrics["efficiency"]["trainable_params"])
-        return -validation["loss"] if metric == "loss" else validation[metric]
+        return validation[metric]
 
-    if sampler == "grid":
-        # A trial killed outright stays RUNNING until its heartbeat goes stale; re-check after every trial.
-        for _attempt in range(2 * len(combos)):
-            optuna.storages.fail_stale_trials(study)
-            pending = pending_grid_points(study, combos)
-            if not pending:
-                break
-            study.enqueue_trial(pending[0])
-            study.optimize(objective, n_trials=1)
-    else:
-        finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
-        study.optimize(objective, n_trials=max(0, (trials or 0) - len(finished)))
-    return summarise_sweep(study, out_dir, recipe, overrides, metric, base_raw)
+    return objective
 
 
-def pending_grid_points(study, combos: list[dict]) -> list[dict]:
-    """Grid points not yet done (complete or skipped) nor running; a failed or interrupted one is tried again."""
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, retry: AfterTrial) -> None:
+    """After a trial: a failed one is re-queued by optuna's retry callback (which stops after max_retry);
+    an interrupted one as it was, since a user's Ctrl-C is no failed try."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-    taken = {json.dumps(t.params, sort_keys=True) for t in study.trials if t.state in states}
-    return [params for params in combos if json.dumps(params, sort_keys=True) not in taken]
+    if trial.state != optuna.trial.TrialState.FAIL:
+        return
+    if not trial.user_attrs.get("interrupted"):
+        retry(study, trial)
+        return
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                        distributions=trial.distributions, system_attrs=trial.system_attrs))
+
+
+def run_until_settled(study: optuna.Study, objective: Callable[[optuna.Trial], float], after_trial: AfterTrial,
+                      combos: list[dict], target: int, max_retry: int) -> None:
+    """Runs trials until all grid points (random/tpe: `target` configurations) are ok, skipped or failed
+    max_retry + 1 times. One study.optimize cannot: GridSampler stops it as soon as every grid point has a finished
+    trial, FAIL included, so a retry queued after that waits for the next call."""
+    import optuna
+
+    for _ in range(target * (max_retry + 1) + 1):  # every call runs a try; no sweep needs more
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        for outcome in trial_outcomes(study, max_retry).values():
+            if outcome["status"] == "stopped":  # interrupted, or its process died before re-queuing it
+                after_trial(study, outcome["trial"])
+        outcomes = trial_outcomes(study, max_retry)
+        queued = sum(o["status"] == "queued" for o in outcomes.values())
+        fresh = sum(params_key(p) not in outcomes for p in combos) if combos else target - len(outcomes)
+        if queued + max(fresh, 0) == 0:
+            return
+        study.optimize(objective, n_trials=queued + max(fresh, 0), catch=(TrainingFailed,), callbacks=[after_trial])
+
+
+def params_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def trial_outcomes(study: optuna.Study, max_retry: int) -> dict[str, dict]:
+    """Each tried configuration: its status, deciding trial and failed tries. Status: ok, skipped, failed
+    (max_retry + 1 failed tries), queued, running, or stopped (last try failed or was interrupted; not re-queued)."""
+    trials_of: dict[str, list] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.params:
+            trials_of.setdefault(params_key(trial.params), []).append(trial)
+    return {key: outcome(trials, max_retry) for key, trials in trials_of.items()}
+
+
+def outcome(trials: list[optuna.trial.FrozenTrial], max_retry: int) -> dict:
+    from optuna.trial import TrialState
+
+    failures = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")]
+    for state, status in ((TrialState.COMPLETE, "ok"), (TrialState.PRUNED, "skipped"),
+                          (TrialState.WAITING, "queued"), (TrialState.RUNNING, "running")):
+        matching = [t for t in trials if t.state == state]
+        if matching:
+            return {"status": status, "trial": matching[-1], "failures": failures}
+    status = "failed" if len(failures) > max_retry else "stopped"
+    return {"status": status, "trial": trials[-1], "failures": failures}
+
+
+def pending_grid_points(study: optuna.Study, combos: list[dict], max_retry: int = MAX_RETRY) -> list[dict]:
+    """Grid points not settled: neither trained (ok), budget-skipped, nor failed max_retry + 1 times."""
+    outcomes = trial_outcomes(study, max_retry)
+    return [p for p in combos if outcomes.get(params_key(p), {}).get("status") not in SETTLED]
 
 
 def filter_budget(base_raw: dict, combos: list[dict], max_trainable: int | None, out_dir: Path) -> dict:
@@ -182,23 +284,57 @@ def filter_budget(base_raw: dict, combos: list[dict], max_trainable: int | None,
     return {"counts": counts, "skipped": skipped}
 
 
-def summarise_sweep(study, out_dir: Path, recipe: Path, overrides: list[str], metric: str, base_raw: dict) -> list:
-    import matplotlib.pyplot as plt
-    import optuna
+def outcome_rows(study: optuna.Study, combos: list[dict], max_retry: int, metric: str) -> list[dict]:
+    """One row per configuration: the trained ones best first, then skipped, failed (with the reason of the last
+    failed try) and any not settled."""
+    rows, outcomes = [], trial_outcomes(study, max_retry)
+    for o in outcomes.values():
+        trial, failures = o["trial"], o["failures"]
+        row = {"trial": trial.number, **trial.params, "status": o["status"], "failures": len(failures)}
+        if o["status"] == "ok":
+            row |= {**trial.user_attrs["validation"], "trainable": trial.user_attrs["trainable"],
+                    "run_dir": trial.user_attrs["run_dir"]}
+        elif o["status"] == "skipped":
+            row |= {"trainable": trial.user_attrs["skipped"], "reason": "over the trainable-parameter budget"}
+        elif o["status"] == "failed":
+            row |= {"reason": failures[-1].user_attrs.get("failure") or "worker killed (heartbeat stopped)",
+                    "run_dir": failures[-1].user_attrs.get("run_dir")}
+        rows.append(row)
+    rows += [{"trial": None, **p, "status": "pending", "failures": 0} for p in combos if params_key(p) not in outcomes]
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["loss"] if metric == "loss" else -r[metric])
+    return ok + [r for r in rows if r["status"] != "ok"]
 
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    rows = sorted(({"trial": t.number, **t.params, **t.user_attrs["validation"],
-                    "trainable": t.user_attrs["trainable"], "run_dir": t.user_attrs["run_dir"]} for t in done),
-                  key=lambda r: r["loss"] if metric == "loss" else -r[metric])
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "run_dir"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]) + "\n"
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def summarise_sweep(study: optuna.Study, out_dir: Path, recipe: Path, metric: str, base_raw: dict, grid: dict,
+                    combos: list[dict], max_retry: int) -> list[dict]:
+    """sweep.json / sweep.md with every configuration's outcome; for the trained ones the metric plot, and the best
+    one's recipe and its (only) test evaluation."""
+    rows = outcome_rows(study, combos, max_retry, metric)
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
     if not rows:
         return rows
-    keys = [k for k in rows[0] if k not in ("run_dir",)]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-              for r in rows]
-    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out_dir / "sweep.md").write_text(markdown_table(rows))
+    print(markdown_table(rows))
+    done = [r for r in rows if r["status"] == "ok"]
+    if done:
+        plot_metric_vs_params(done, metric, out_dir / "metric_vs_params.png")
+        write_best(done[0], out_dir, recipe, metric, base_raw, list(grid))
+    return rows
+
+
+def plot_metric_vs_params(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r["trainable"] for r in rows], [r[metric] for r in rows])
     for r in rows:
@@ -206,10 +342,12 @@ def summarise_sweep(study, out_dir: Path, recipe: Path, overrides: list[str], me
     ax.set_xlabel("trainable parameters (LoRA + head)")
     ax.set_ylabel(f"validation {metric}")
     fig.tight_layout()
-    fig.savefig(out_dir / "metric_vs_params.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    best = rows[0]
-    best_config = config_for(base_raw, {k: best[k] for k in study.best_trial.params})
+
+
+def write_best(best: dict, out_dir: Path, recipe: Path, metric: str, base_raw: dict, keys: list[str]) -> None:
+    best_config = config_for(base_raw, {k: best[k] for k in keys})
     best_config.name = f"{base_raw.get('name') or recipe.stem}_best"
     (out_dir / "best_recipe.yaml").write_text(f"# best of sweep {out_dir} by validation {metric}\n"
                                               + dump_config(best_config))
@@ -218,7 +356,6 @@ def summarise_sweep(study, out_dir: Path, recipe: Path, overrides: list[str], me
                                                         **test}, indent=1))
     print(f"best trial {best['trial']} ({best['run_dir']}): test accuracy {test['accuracy']:.4f}, "
           f"macro-F1 {test['macro_f1']:.4f} (the only test evaluation of this sweep)")
-    return rows
 
 
 def evaluate_best_on_test(run_dir: Path) -> dict:
