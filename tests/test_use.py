@@ -250,3 +250,32 @@ def test_onnx_export_agrees_within_tolerance(runs, tmp_path):
     assert checks["onnx"]["max_abs_logit_diff"] < 1e-3 and checks["onnx"]["same_argmax"]
     assert checks["onnx_int8"]["max_abs_prob_diff"] < 0.2
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "model.int8.onnx").is_file()
+
+
+def test_predict_builds_liar_text_as_training_did(runs, tmp_path):
+    """A LIAR run is trained on 'statement Speaker: x. Party: y. ...': predict builds the same from the columns."""
+    from dataclasses import replace
+
+    from newstune.data.text import clean_text, textualize_liar
+    from newstune.predict import _probabilities
+
+    run = load_run(runs["binary"])
+    data = run.config.data.model_copy(update={"name": "liar", "metadata_fields": ["speaker", "party"]})
+    liar_run = replace(run, config=run.config.model_copy(update={"data": data}))
+    rows = [{"statement": "says the market profit doubled", "speaker": "jane-doe", "party": "goal"},
+            {"statement": "stock shares bank", "speaker": "", "party": "team"}]
+    source = tmp_path / "claims.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    counts = predict_file(liar_run, source, tmp_path / "out.jsonl")
+    assert counts == {"rows": 2, "predicted": 2, "errors": 0}
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    full_rows = [{k: r.get(k, "") for k in ("statement", "speaker", "job", "state", "party", "subject", "context")}
+                 for r in rows]
+    texts = [clean_text(textualize_liar(r, ["speaker", "party"], False), data.clean) for r in full_rows]
+    assert texts[0] == "says the market profit doubled Speaker: jane doe. Party: goal."
+    expected = _probabilities(liar_run, texts, 64)
+    for record, probs in zip(out, expected):
+        assert list(record["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-6)
+    missing = tmp_path / "no_statement.jsonl"
+    missing.write_text(json.dumps({"text": "stock market"}) + "\n")
+    assert predict_file(liar_run, missing, tmp_path / "out2.jsonl")["errors"] == 1

@@ -20,7 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from newstune.data.files import JsonlRow, iter_jsonl, reading
-from newstune.data.registry import build_text
+from newstune.data.registry import input_columns, record_text
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
 from newstune.evaluate import decide, softmax
@@ -87,11 +87,10 @@ def _jsonl_chunks(path: Path) -> Iterator[list[JsonlRow]]:
 def row_text(record: dict | None, run: LoadedRun) -> tuple[str | None, str | None]:
     if record is None:
         return None, None
-    columns = run.config.data.text_columns
-    missing = [c for c in columns if c not in record or record[c] is None]
+    missing = [c for c in input_columns(run.config.data) if c not in record or record[c] is None]
     if missing:
         return None, f"missing column(s) {missing}"
-    text = clean_text(build_text({k: str(v) for k, v in record.items()}, run.config.data), run.config.data.clean)
+    text = clean_text(record_text({k: str(v) for k, v in record.items()}, run.config.data), run.config.data.clean)
     return (text, None) if text else (None, "empty text")
 
 

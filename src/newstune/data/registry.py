@@ -140,6 +140,22 @@ def iter_file_rows(path: Path, config: DataConfig) -> Iterator[tuple[int, str, s
         yield int(number), build_text(record, config), str(record[config.label_column])
 
 
+def input_columns(config: DataConfig) -> list[str]:
+    """The columns a row needs to be classified by a run trained on `config` (LIAR: the statement; its metadata
+    columns are used when present, as training used them)."""
+    if config.name == "liar":
+        return ["statement", *(LIAR_CREDIT_FIELDS if config.credit_history else [])]
+    return list(config.text_columns)
+
+
+def record_text(record: dict[str, str], config: DataConfig) -> str:
+    """A row's text built the way training built it, before cleaning: one path for train and predict."""
+    if config.name == "liar":
+        row = {column: str(record.get(column) or "") for column in LIAR_COLUMNS}
+        return textualize_liar(row, config.metadata_fields, config.credit_history)
+    return build_text(record, config)
+
+
 def build_text(record: dict[str, str], config: DataConfig) -> str:
     if config.text_template:
         try:
