@@ -5,6 +5,7 @@ import time
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from newstune.profile import analytic_train_flops, op_category
@@ -28,17 +29,58 @@ def test_op_categories(name, phase, category):
     assert op_category(name, phase) == category
 
 
-def test_analytic_flops_scale_with_tokens():
-    from transformers import BertConfig
+def tiny_bert_classifier(frozen: bool):
+    """A random BERT classifier with eager attention; `frozen`: weights frozen, but gradients flow to the
+    embeddings' output, as they do to LoRA adapters below: the backward computes input gradients only."""
+    from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=256)
-    one = analytic_train_flops(config, [10])
-    assert analytic_train_flops(config, [10, 10]) == 2 * one
-    assert analytic_train_flops(config, [10], full_finetune=True) == pytest.approx(1.5 * one)
-    linear = 2 * (4 * 64 * 64 + 2 * 64 * 256)
-    assert one == 2 * (2 * linear * 10 + 4 * 2 * 100 * 64)
-    # one of two layers cached: it runs forward only (1 of the 2 units the other layer costs)
-    assert analytic_train_flops(config, [10], cached_layers=1) == pytest.approx(0.75 * one)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=256, max_position_embeddings=64, num_labels=3, attn_implementation="eager")
+    model = BertForSequenceClassification(config)
+    if frozen:
+        model.requires_grad_(False)
+        model.bert.embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+    return model
+
+
+def counted_flops(model, lengths: list[int], backward: bool) -> tuple[int, int]:
+    """FlopCounterMode's FLOPs (encoder layers, whole model) summed over one text per length, unpadded."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder = total = 0
+    for n in lengths:
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+            logits = model(input_ids=torch.randint(5, 100, (1, n))).logits
+            if backward:
+                logits.sum().backward()
+        encoder += sum(counter.get_flop_counts()["BertForSequenceClassification.bert.encoder"].values())
+        total += counter.get_total_flops()
+    return encoder, total
+
+
+def test_analytic_forward_flops_match_flop_counter():
+    model = tiny_bert_classifier(frozen=False).eval()
+    lengths = [17, 40]
+    encoder, total = counted_flops(model, lengths, backward=False)
+    # a cached layer runs forward only, so caching all of them leaves the forward FLOPs
+    forward = analytic_train_flops(model.config, lengths, cached_layers=model.config.num_hidden_layers)
+    assert forward == encoder
+    # the rest of the count is the pooler (2 x hidden^2 per text) and the classifier (2 x hidden x labels);
+    # embeddings are lookups and adds, no matmul FLOPs
+    assert total - encoder == len(lengths) * 2 * 64 * (64 + 3)
+    assert forward == pytest.approx(total, rel=0.01)
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_analytic_training_flops_match_flop_counter(full_finetune):
+    model = tiny_bert_classifier(frozen=not full_finetune).train()
+    lengths = [17, 40]
+    encoder, total = counted_flops(model, lengths, backward=True)
+    # LoRA: linears' backward = input gradients only (x2 in all); attention's QK^T and AV multiply two activations,
+    # so their backward costs two forwards even with every weight frozen (x3 in all)
+    assert analytic_train_flops(model.config, lengths, full_finetune=full_finetune) == encoder
+    assert encoder == pytest.approx(total, rel=0.02)  # pooler and head: forward + backward
 
 
 def recipe_file(tmp_path, tiny_models, tiny_data, **overrides):
@@ -207,20 +249,40 @@ def test_sweep_retries_a_killed_trial(tiny_models, tiny_data, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path, cached):
+def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path, monkeypatch, cached):
+    from transformers import AutoConfig
+
     from newstune.config import validate
     from newstune.profile import CATEGORIES, profile_run
+    from newstune.train import Trainer
 
+    masks, train_step = [], Trainer.train_step
+
+    def recording_step(self, batch):
+        masks.append(batch["attention_mask"].clone())
+        return train_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
     overrides = {"lora.top_layers": 1, "train.cache_frozen_layers": True} if cached else {}
     config = validate(tiny_config(tiny_models["bert"], tiny_data, **overrides))
     result = profile_run(config, steps=3, warmup=1, out_dir=tmp_path / "prof")
     assert result["cached_layers"] == (1 if cached else 0)
+    assert len(masks) == 1 + 3
+    lengths = [n for mask in masks[1:] for n in mask.sum(1).tolist()]  # the profiled steps follow the warmup
+    assert result["tokens"] == sum(lengths) < sum(mask.numel() for mask in masks[1:])
+    # a training step runs the layers above the cached ones: an encoder that many layers deep
+    trained = AutoConfig.from_pretrained(tiny_models["bert"])
+    trained.num_hidden_layers -= result["cached_layers"]
+    flop_per_s = analytic_train_flops(trained, lengths) / result["wall_seconds"]
+    assert result["achieved_tflops"] == pytest.approx(flop_per_s / 1e12, rel=1e-9)
+    assert result["mfu"] == pytest.approx(flop_per_s / (result["matmul_peak_tflops"] * 1e12), rel=1e-9)
+    assert result["tokens_per_s"] == pytest.approx(sum(lengths) / result["wall_seconds"], rel=1e-9)
     assert (tmp_path / "prof" / "trace.json").is_file() and (tmp_path / "prof" / "profile.json").is_file()
     assert set(result["category_share"]) == set(CATEGORIES)
     assert sum(result["category_share"].values()) == pytest.approx(1.0)
     assert result["category_ms"]["gemm"] > 0 and result["category_ms"]["optimizer"] > 0
     assert result["phase_ms"]["forward"] > 0 and result["phase_ms"]["backward"] > 0
-    assert 0 < result["mfu"] < 1 and len(result["top_ops"]) == 20
+    assert len(result["top_ops"]) == 20
 
 
 def test_run_row_of_unfinished_run(tmp_path, tiny_models, tiny_data):

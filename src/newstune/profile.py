@@ -60,12 +60,15 @@ def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 2048, se
 
 
 def analytic_train_flops(config, lengths: list[int], full_finetune: bool = False, cached_layers: int = 0) -> float:
-    """Forward FLOPs: 2 x encoder linear parameters per token, plus 4 x l x hidden per token per layer (attention).
-    Backward through frozen weights costs one forward more (input gradients); full fine-tuning two more.
+    """Forward FLOPs per layer: 2 x linear parameters per token, plus 4 x l x hidden per token (QK^T and AV).
+    Backward of the linears: one forward more through frozen weights (input gradients), two with weight gradients
+    (full fine-tuning). Attention's matmuls multiply two activations, so their backward always costs two forwards.
     `cached_layers` lower layers run forward only, once (train.cache_frozen_layers)."""
     hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_layer = sum(2 * (4 * hidden * hidden + 2 * hidden * inter) * n + 4 * n * n * hidden for n in lengths)
-    return per_layer * (cached_layers + (layers - cached_layers) * (3 if full_finetune else 2))
+    linear = sum(2 * (4 * hidden * hidden + 2 * hidden * inter) * n for n in lengths)
+    attention = sum(4 * n * n * hidden for n in lengths)
+    trained = linear * (3 if full_finetune else 2) + attention * 3
+    return cached_layers * (linear + attention) + (layers - cached_layers) * trained
 
 
 def _phase(event) -> str | None:
