@@ -19,6 +19,7 @@ import yaml
 from newstune.config import RunConfig, apply_overrides, dump_config, load_config, parse_override, validate
 from newstune.errors import NewstuneError
 from newstune.report import run_row, write_report
+from newstune.tables import markdown_table
 
 if TYPE_CHECKING:
     import optuna
@@ -305,10 +306,9 @@ def outcome_rows(study: optuna.Study, combos: list[dict], max_retry: int, metric
     return ok + [r for r in rows if r["status"] != "ok"]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def sweep_table(rows: list[dict]) -> str:
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "run_dir"]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(lines + ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]) + "\n"
+    return markdown_table(keys, [[_cell(r.get(k)) for k in keys] for r in rows]) + "\n"
 
 
 def _cell(value) -> str:
@@ -323,8 +323,8 @@ def summarise_sweep(study: optuna.Study, out_dir: Path, recipe: Path, metric: st
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
     if not rows:
         return rows
-    (out_dir / "sweep.md").write_text(markdown_table(rows))
-    print(markdown_table(rows))
+    (out_dir / "sweep.md").write_text(sweep_table(rows))
+    print(sweep_table(rows))
     done = [r for r in rows if r["status"] == "ok"]
     if done:
         plot_metric_vs_params(done, metric, out_dir / "metric_vs_params.png")
