@@ -365,3 +365,18 @@ def test_epoch_time_survives_mid_epoch_checkpoints(tiny_models, tiny_data, tmp_p
     assert efficiency["epoch_seconds_mean"] == pytest.approx(efficiency["train_seconds"], rel=1e-6)
     log_text = (run_dir / "train.log").read_text()
     assert '"kind": "eval"' in log_text and '"kind": "train"' in log_text
+
+
+def test_frozen_prefix_states_follow_the_mask_also_when_left_padded():
+    from newstune.frozen_prefix import FrozenPrefix
+
+    prefix = FrozenPrefix.__new__(FrozenPrefix)
+    prefix.flat = torch.arange(5 * 2, dtype=torch.float32).view(5, 2)  # text 0: rows 0-1, text 1: rows 2-4
+    prefix.offsets = [0, 2, 5]
+    right = prefix.states([0, 1], torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]), "cpu")
+    left = prefix.states([0, 1], torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), "cpu")
+    assert torch.equal(right[0, :2], prefix.flat[0:2]) and torch.equal(right[1, :3], prefix.flat[2:5])
+    assert torch.equal(left[0, 2:], prefix.flat[0:2]) and torch.equal(left[1, 1:], prefix.flat[2:5])
+    assert torch.equal(left[0, :2], torch.zeros(2, 2)) and torch.equal(left[1, 0], torch.zeros(2))
+    with pytest.raises(NewstuneError, match="cache is stale"):
+        prefix.states([0], torch.tensor([[1, 1, 1, 0]]), "cpu")
