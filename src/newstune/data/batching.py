@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,7 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache: Path | N
         ids += tokenizer(texts[start:start + TOKENIZE_CHUNK], truncation=True, max_length=max_length)["input_ids"]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one launch may write the same entry at once
         torch.save(ids, tmp)
         tmp.replace(path)
     return ids
