@@ -153,6 +153,7 @@ class Trainer:
         self.pending_rng: tuple[dict, dict] | None = None
         self.stop_requested = threading.Event()
         self.interrupted = False
+        self.tokens_on_device: torch.Tensor | None = None  # non-padding tokens not yet added to state.tokens
 
     # ------------------------------------------------------------ setup
 
@@ -444,10 +445,9 @@ class Trainer:
         return loss.detach()
 
     def _sync_token_count(self) -> None:
-        tokens = getattr(self, "tokens_on_device", None)
-        if tokens is not None:
-            self.state.tokens += int(tokens)
-            tokens.zero_()
+        if self.tokens_on_device is not None:
+            self.state.tokens += int(self.tokens_on_device)
+            self.tokens_on_device.zero_()
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training logits; with a frozen-prefix cache only the upper layers run, from the stored states."""
