@@ -261,7 +261,6 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
-        refuse_pickles(path.parent)
         if not path.is_file():
             raise NewstuneError(f"{self.run_dir} has no checkpoint to resume from ({CHECKPOINT})")
         tensors, meta = load_weights(path)
