@@ -157,7 +157,7 @@ def _predict_chunks(run: LoadedRun, chunks: Iterator[list[JsonlRow]], writer: Ou
             texts = [(number, record, *row_text(record, run)) for number, record, _ in chunk]
             parse_errors = {number: error for number, _, error in chunk if error}
             good = [(n, r, t) for n, r, t, e in texts if t is not None]
-            probs = _probabilities(run, [t for _, _, t in good], batch_size)
+            probs = probabilities(run, [t for _, _, t in good], batch_size)
             by_line = {n: p for (n, _, _), p in zip(good, probs)}
             for number, record, _, error in texts:
                 error = parse_errors.get(number) or error
@@ -170,7 +170,7 @@ def _predict_chunks(run: LoadedRun, chunks: Iterator[list[JsonlRow]], writer: Ou
     return counts
 
 
-def _probabilities(run: LoadedRun, texts: list[str], batch_size: int) -> np.ndarray:
+def probabilities(run: LoadedRun, texts: list[str], batch_size: int) -> np.ndarray:
     if not texts:
         return np.zeros((0, len(run.label_names)))
     ids = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]
