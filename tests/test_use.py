@@ -106,7 +106,7 @@ def test_predict_into_a_missing_folder_is_refused_before_work(runs, tmp_path):
 def test_predict_failing_midway_leaves_no_partial_output(runs, tmp_path, monkeypatch):
     import newstune.predict
 
-    real = newstune.predict._probabilities
+    real = newstune.predict.probabilities
     calls = []
 
     def fails_on_the_second_chunk(*args):
@@ -116,7 +116,7 @@ def test_predict_failing_midway_leaves_no_partial_output(runs, tmp_path, monkeyp
         return real(*args)
 
     monkeypatch.setattr(newstune.predict, "CHUNK_ROWS", 4)
-    monkeypatch.setattr(newstune.predict, "_probabilities", fails_on_the_second_chunk)
+    monkeypatch.setattr(newstune.predict, "probabilities", fails_on_the_second_chunk)
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in synthetic_rows(10, 6)))
     (tmp_path / "out").mkdir()
@@ -257,7 +257,7 @@ def test_predict_builds_liar_text_as_training_did(runs, tmp_path):
     from dataclasses import replace
 
     from newstune.data.text import clean_text, textualize_liar
-    from newstune.predict import _probabilities
+    from newstune.predict import probabilities
 
     run = load_run(runs["binary"])
     data = run.config.data.model_copy(update={"name": "liar", "metadata_fields": ["speaker", "party"]})
@@ -273,7 +273,7 @@ def test_predict_builds_liar_text_as_training_did(runs, tmp_path):
                  for r in rows]
     texts = [clean_text(textualize_liar(r, ["speaker", "party"], False), data.clean) for r in full_rows]
     assert texts[0] == "says the market profit doubled Speaker: jane doe. Party: goal."
-    expected = _probabilities(liar_run, texts, 64)
+    expected = probabilities(liar_run, texts, 64)
     for record, probs in zip(out, expected):
         assert list(record["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-6)
     missing = tmp_path / "no_statement.jsonl"
