@@ -107,12 +107,14 @@ def make_served(model_dir: Path, labels: list[str], name: str = "topics", run_di
     """A ServedModel over the untrained tiny encoder with a fresh head: HTTP behaviour without training a run."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from newstune.backends import torch_scorer
     from newstune.serve import ServedModel
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels)).requires_grad_(False)
-    return ServedModel(name, run_dir or model_dir, model, AutoTokenizer.from_pretrained(model_dir), labels, None,
-                       "fp32", 32, str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return ServedModel(name, run_dir or model_dir, torch_scorer(model, tokenizer.pad_token_id, "fp32"), tokenizer,
+                       labels, None, "fp32", 32, str(model_dir))
 
 
 def needs_shared_data() -> pytest.MarkDecorator:

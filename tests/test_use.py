@@ -136,27 +136,6 @@ def test_merged_export_loads_without_peft_and_agrees(runs, tmp_path):
     assert plain.config.id2label[0] == run.label_names[0]
 
 
-def test_failed_int8_agreement_writes_nothing_unless_forced(runs, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    import newstune.export
-
-    real = newstune.export._onnx_logits
-
-    def int8_disagrees(ort, path, ids, pad):
-        logits = real(ort, path, ids, pad)
-        return -logits if str(path).endswith(".int8.onnx") else logits
-
-    monkeypatch.setattr(newstune.export, "_onnx_logits", int8_disagrees)
-    target = tmp_path / "export" / "merged"
-    with pytest.raises(NewstuneError, match=r"'onnx_int8' predicts another class .* of 5 check texts .*"
-                                            r"nothing was written \(--force keeps the export anyway\)"):
-        export_merged(runs["topics"], target, onnx=True, quantize=True)  # was "same_argmax": false and exit 0
-    assert list(target.parent.iterdir()) == []
-    checks = export_merged(runs["topics"], target, onnx=True, quantize=True, force=True)
-    assert checks["onnx"]["same_argmax"] and not checks["onnx_int8"]["same_argmax"]
-    assert json.loads((target / "export_checks.json").read_text()) == checks
-
-
 def test_export_cli_exits_2_with_one_line_when_a_check_fails(runs, tmp_path, monkeypatch, capsys):
     import sys
 
@@ -184,8 +163,8 @@ def test_export_cli_exits_2_with_one_line_when_a_check_fails(runs, tmp_path, mon
 
 def test_service_shares_one_base_and_switches_adapters(runs):
     served = load_served([f"topics={runs['topics']}", f"binary={runs['binary']}"])
-    topic_params = dict(served["topics"].model.named_parameters())
-    binary_params = dict(served["binary"].model.named_parameters())
+    topic_params = dict(served["topics"].scorer.model.named_parameters())
+    binary_params = dict(served["binary"].scorer.model.named_parameters())
     word_embeddings = [n for n in topic_params if "word_embeddings" in n][0]
     assert topic_params[word_embeddings].data_ptr() == binary_params[word_embeddings].data_ptr()
     texts = ["goal match team today", "stock market profit bank"]
@@ -242,14 +221,6 @@ def test_concurrent_requests_are_micro_batched(runs):
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)
     assert sum(calls) == 8 and len(calls) < 8
-
-
-def test_onnx_export_agrees_within_tolerance(runs, tmp_path):
-    pytest.importorskip("onnxruntime")
-    checks = export_merged(runs["topics"], tmp_path / "onnx", onnx=True, quantize=True)
-    assert checks["onnx"]["max_abs_logit_diff"] < 1e-3 and checks["onnx"]["same_argmax"]
-    assert checks["onnx_int8"]["max_abs_prob_diff"] < 0.2
-    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "model.int8.onnx").is_file()
 
 
 def test_predict_builds_liar_text_as_training_did(runs, tmp_path):

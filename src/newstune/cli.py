@@ -22,6 +22,8 @@ console = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=2")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder with the dataset files (data.dir).")]
+Backend = Annotated[str, typer.Option("--backend", help="auto (the fastest export that passed its check), torch, "
+                                                        "onnx or openvino.")]
 
 
 def show_metrics(metrics: dict, label_names: list[str], title: str) -> None:
@@ -95,12 +97,15 @@ def predict(
     input: Annotated[Path, typer.Option("--input", help="CSV/TSV/JSONL with the run's text column(s).")],
     output: Annotated[Path, typer.Option("--output", help="Predictions file (.csv/.tsv/.jsonl); must not exist.")],
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 64,
+    backend: Backend = "auto",
 ) -> None:
     """Label a file: predicted label and each class's probability (tuned threshold applied for binary runs)."""
     from newstune.predict import predict_file
     from newstune.run import load_run
 
-    counts = predict_file(load_run(run), input, output, batch_size)
+    loaded = load_run(run, backend=backend)
+    console.print(f"backend: {loaded.backend} ({loaded.backend_reason})")
+    counts = predict_file(loaded, input, output, batch_size)
     typer.echo(f"{counts['predicted']} rows predicted, {counts['errors']} bad rows (see 'error' column) -> {output}")
     if counts["errors"]:
         raise typer.Exit(1)
@@ -109,19 +114,30 @@ def predict(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    merged: Annotated[Path, typer.Option("--merged", help="Output folder for the merged HF model.")],
-    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx and check it.")] = False,
-    quantize: Annotated[bool, typer.Option("--quantize", help="Also a dynamic int8 ONNX model.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Keep the export even if an agreement check fails.")] = False,
+    merged: Annotated[Path | None, typer.Option("--merged", help="Output folder for the merged HF model.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="onnx or openvino: an export into RUN/exports/ "
+                                                                  "that predict and serve can pick.")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (OpenVINO: static with NNCF; "
+                                                      "ONNX: dynamic).")] = False,
+    tolerance: Annotated[float, typer.Option(help="Most validation macro-F1 points a backend export may "
+                                                  "lose.")] = 0.5,
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Keep the export even if its check fails.")] = False,
 ) -> None:
-    """Merge LoRA into the base weights: a plain model folder that loads without peft."""
+    """A merged HF model folder (--merged), or a checked ONNX Runtime / OpenVINO export (--backend)."""
     import json
 
-    from newstune.export import export_merged
+    if (merged is None) == (backend is None):
+        raise NewstuneError("export needs exactly one of --merged FOLDER or --backend onnx|openvino")
+    if merged is not None:
+        from newstune.export import export_merged
 
-    checks = export_merged(run, merged, onnx, quantize, force=force)
-    typer.echo(json.dumps(checks, indent=1))
-    typer.echo(f"exported to {merged}")
+        typer.echo(json.dumps(export_merged(run, merged, force=force), indent=1))
+        typer.echo(f"exported to {merged}")
+        return
+    from newstune.backend_export import checks_table, export_backend
+
+    typer.echo(checks_table(export_backend(run, backend, int8, data_dir, tolerance, force)))
 
 
 @app.command()
@@ -129,11 +145,13 @@ def serve(
     runs: Annotated[list[str], typer.Argument(help="Run directories, or NAME=RUN.")],
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    backend: Backend = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No access log, warnings only.")] = False,
 ) -> None:
     """Serve runs over HTTP: POST /v1/classify, GET /v1/models, /health, /docs, and a page at /."""
     from newstune.serve import serve as run_server
 
-    run_server(runs, host, port)
+    run_server(runs, host, port, backend, quiet)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Export a run: LoRA merged into the base weights as a plain HF model folder, optionally ONNX (+ int8).
+"""Export a run: LoRA merged into the base weights as a plain HF model folder (backends: backend_export.py).
 
 The export is built in a temporary folder next to the target and renamed only when every agreement check passes
 (or --force keeps it anyway), so a failed export leaves nothing behind.
@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoModelForSequenceClassification
 
 from newstune.errors import NewstuneError
@@ -58,21 +57,18 @@ def _require(checks: dict, tolerance: float, force: bool) -> None:
                             "(--force keeps the export anyway)")
 
 
-def export_merged(run_dir: Path, out_dir: Path, onnx: bool = False, quantize: bool = False,
-                  tolerance: float = 1e-4, force: bool = False) -> dict:
+def export_merged(run_dir: Path, out_dir: Path, tolerance: float = 1e-4, force: bool = False) -> dict:
     """Writes out_dir (a from_pretrained folder, no peft needed) and returns the agreement checks.
 
     A failed check raises and writes nothing unless force is set; then out_dir is kept with the checks recorded.
     """
     if out_dir.exists():
         raise NewstuneError(f"export folder {out_dir} already exists; choose another --merged")
-    if quantize and not onnx:
-        raise NewstuneError("--quantize applies to the ONNX export: add --onnx")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # only ever a leftover partial export of this same name
     try:
-        checks = _export_into(staging, run_dir, onnx, quantize, tolerance, force)
+        checks = _export_into(staging, run_dir, tolerance, force)
         if out_dir.exists():
             raise NewstuneError(f"export folder {out_dir} appeared while exporting; choose another --merged")
         staging.rename(out_dir)
@@ -81,7 +77,7 @@ def export_merged(run_dir: Path, out_dir: Path, onnx: bool = False, quantize: bo
     return checks
 
 
-def _export_into(folder: Path, run_dir: Path, onnx: bool, quantize: bool, tolerance: float, force: bool) -> dict:
+def _export_into(folder: Path, run_dir: Path, tolerance: float, force: bool) -> dict:
     run = load_run(run_dir, as_trained=False)
     ids = run.tokenizer(CHECK_TEXTS, truncation=True, max_length=run.config.data.max_length)["input_ids"]
     pad = run.tokenizer.pad_token_id
@@ -90,43 +86,10 @@ def _export_into(folder: Path, run_dir: Path, onnx: bool, quantize: bool, tolera
     merged.save_pretrained(folder, safe_serialization=True)
     run.tokenizer.save_pretrained(folder)
     (folder / "newstune.json").write_text(json.dumps({"run": str(run_dir), "threshold": run.threshold,
+                                                      "decision": run.decision.to_dict(),
                                                       "label_names": run.label_names}, indent=1))
     plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     checks = {"merged": _agreement(reference, predict_logits(plain, ids, pad).numpy())}
     _require(checks, tolerance, force)
-    if onnx:
-        checks.update(export_onnx(plain, run.tokenizer, folder, ids, reference, quantize))
-        _require(checks, tolerance, force)
     (folder / "export_checks.json").write_text(json.dumps(checks, indent=1))
     return checks
-
-
-def export_onnx(model: torch.nn.Module, tokenizer, out_dir: Path, ids: list[list[int]], reference: np.ndarray,
-                quantize: bool) -> dict:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise NewstuneError("ONNX export needs onnx and onnxruntime: pip install 'newstune[export]'") from None
-    path = out_dir / "model.onnx"
-    sample = tokenizer(CHECK_TEXTS[:2], padding=True, return_tensors="pt")
-    torch.onnx.export(model, (sample["input_ids"], sample["attention_mask"]), str(path),
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                                    "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    checks = {"onnx": _agreement(reference, _onnx_logits(ort, path, ids, tokenizer.pad_token_id))}
-    if quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantized = out_dir / "model.int8.onnx"
-        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
-        checks["onnx_int8"] = _agreement(reference, _onnx_logits(ort, quantized, ids, tokenizer.pad_token_id))
-    return checks
-
-
-def _onnx_logits(ort, path: Path, ids: list[list[int]], pad: int) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rows = []
-    for row in ids:
-        feed = {"input_ids": np.asarray([row], dtype=np.int64), "attention_mask": np.ones((1, len(row)), np.int64)}
-        rows.append(session.run(["logits"], feed)[0][0])
-    return np.asarray(rows)

@@ -19,12 +19,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from newstune import decisions
 from newstune.data.files import JsonlRow, iter_jsonl, reading
 from newstune.data.registry import input_columns, record_text
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
-from newstune.evaluate import decide, softmax
-from newstune.infer import predict_logits
 from newstune.run import LoadedRun
 
 CHUNK_ROWS = 2048
@@ -107,7 +106,7 @@ class OutputWriter:
         if self.kind == "jsonl":
             self.handle.write(json.dumps(record) + "\n")
             return
-        flat = {k: v for k, v in record.items() if k != "probabilities"}
+        flat = {k: "|".join(v) if isinstance(v, list) else v for k, v in record.items() if k != "probabilities"}
         flat.update({f"prob_{name}": p for name, p in (record.get("probabilities") or {}).items()})
         if self.writer is None:
             fields = [*flat.keys(), *(f"prob_{n}" for n in self.label_names if f"prob_{n}" not in flat)]
@@ -174,8 +173,8 @@ def probabilities(run: LoadedRun, texts: list[str], batch_size: int) -> np.ndarr
     if not texts:
         return np.zeros((0, len(run.label_names)))
     ids = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]
-    logits = predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision)
-    return softmax(logits.numpy().astype(np.float64))
+    logits = run.scorer.logits(ids, batch_size)
+    return decisions.probabilities(logits, run.decision)
 
 
 def _output_record(number: int, record: dict | None, probs: np.ndarray | None, error: str | None,
@@ -183,6 +182,7 @@ def _output_record(number: int, record: dict | None, probs: np.ndarray | None, e
     out = {"line": number, **(record or {})}
     if probs is None:
         return {**out, "predicted_label": "", "error": error or "unreadable row"}
-    label = run.label_names[int(decide(probs[None, :], run.threshold)[0])]
+    decided = decisions.labels(probs[None, :], run.decision)
+    label = decisions.label_names(decided, run.label_names, run.decision)[0]  # multi-label: the list of labels on
     return {**out, "predicted_label": label, "error": "",
             "probabilities": {name: round(float(p), 6) for name, p in zip(run.label_names, probs)}}

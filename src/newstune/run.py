@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from newstune.backends import Scorer, choose_export, export_scorer, torch_scorer
 from newstune.config import RunConfig, dump_config, validate
+from newstune.decisions import Decision
 from newstune.errors import NewstuneError
 from newstune.model import hold_frozen_in, load_saved_model, load_tokenizer
 
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "label_map.json"
 METRICS_FILE = "metrics.json"
+DECISION_FILE = "decision.json"
 MODEL_DIR = "model"
+EXPORTS_DIR = "exports"
+EXPORT_CHECKS_FILE = "export_checks.json"
 
 
 def planned_run_dir(config: RunConfig, output_dir: Path | None = None) -> Path:
@@ -83,9 +88,39 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
-    tmp = Path(run_dir) / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(Path(run_dir) / METRICS_FILE)
+    write_atomically(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Written under a temporary name and renamed: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_decision(run_dir: Path, metrics: dict | None = None) -> Decision:
+    """The run's decision rule; a run made before decision.json existed keeps its binary threshold, nothing else."""
+    path = Path(run_dir) / DECISION_FILE
+    if path.is_file():
+        return Decision.from_dict(json.loads(path.read_text()), str(path))
+    metrics = read_metrics(run_dir) if metrics is None else metrics
+    return Decision(threshold=metrics.get("threshold"))
+
+
+def write_decision(run_dir: Path, decision: Decision) -> None:
+    write_atomically(Path(run_dir) / DECISION_FILE, json.dumps(decision.to_dict(), indent=1))
+
+
+def export_dir(run_dir: Path, backend: str, precision: str) -> Path:
+    return Path(run_dir) / EXPORTS_DIR / f"{backend}-{precision}"
+
+
+def read_exports(run_dir: Path) -> list[dict]:
+    """The checks of every finished backend export in the run, each with its `folder`."""
+    found = []
+    for checks_file in sorted((Path(run_dir) / EXPORTS_DIR).glob(f"*/{EXPORT_CHECKS_FILE}")):
+        found.append({**json.loads(checks_file.read_text()), "folder": str(checks_file.parent)})
+    return found
 
 
 @dataclass
@@ -97,10 +132,24 @@ class LoadedRun:
     tokenizer: object
     threshold: float | None
     precision: str
+    scorer: Scorer | None = None
+    backend_reason: str = "PyTorch"
+    decision: Decision = field(default_factory=Decision)  # how logits become probabilities and labels
+
+    def __post_init__(self) -> None:
+        if self.decision == Decision() and self.threshold is not None:
+            self.decision = Decision(threshold=self.threshold)
+
+    @property
+    def backend(self) -> str:
+        return self.scorer.name if self.scorer is not None else f"torch-{self.precision}"
 
 
-def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True) -> LoadedRun:
-    """The run's best model; as_trained keeps the dtype layout it was evaluated in (else plain fp32)."""
+def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backend: str = "torch") -> LoadedRun:
+    """The run's best model; as_trained keeps the dtype layout it was evaluated in (else plain fp32).
+
+    `backend` (auto, torch, onnx, openvino) picks what computes its logits: a passed export of the run, or PyTorch.
+    """
     run_dir = require_run(run_dir)
     config = read_config(run_dir)
     if not (run_dir / MODEL_DIR).is_dir():
@@ -109,11 +158,23 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True) -> Loa
     labels = read_labels(run_dir)
     metrics = read_metrics(run_dir)
     precision = metrics.get("efficiency", {}).get("precision", "fp32")
-    model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation)
+    decision = read_decision(run_dir, metrics)
+    model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation,
+                             decision.multi_label)
     if not as_trained:
         precision = "fp32"
     elif metrics.get("efficiency", {}).get("frozen_weights_dtype") == "bf16":
         hold_frozen_in(model, torch.bfloat16)
     model.to(device).eval()
     tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))
-    return LoadedRun(run_dir, config, labels, model, tokenizer, metrics.get("threshold"), precision)
+    run = LoadedRun(run_dir, config, labels, model, tokenizer, decision.threshold, precision, decision=decision)
+    run.scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
+    chosen = choose_export(read_exports(run_dir), backend) if device == "cpu" else None
+    if chosen is not None:
+        run.scorer = export_scorer(Path(chosen["folder"]), chosen["backend"], chosen["precision"],
+                                   tokenizer.pad_token_id)
+        run.backend_reason = (f"{chosen['speed']['speedup']:.2f}x PyTorch on validation, macro-F1 "
+                              f"{chosen['validation']['macro_f1_delta_points']:+.2f} points")
+    elif backend == "auto":
+        run.backend_reason = "no passed export is faster than PyTorch (newstune export RUN --backend ...)"
+    return run

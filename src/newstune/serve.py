@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -17,11 +16,12 @@ from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, StringConstraints
 
+from newstune import decisions
+from newstune.backends import Scorer
 from newstune.config import CleanConfig
 from newstune.data.text import clean_text
-from newstune.evaluate import decide, softmax
+from newstune.decisions import Decision
 from newstune.guard import VISIBLE, BodyLimit, Detail, Problems, has_visible, validation_error
-from newstune.infer import predict_logits
 from newstune.run import load_run, read_metrics
 
 MAX_TEXTS = 64
@@ -34,7 +34,7 @@ MAX_BODY_BYTES = MAX_TEXTS * MAX_CHARS * 6 + 64 * 1024
 class ServedModel:
     name: str
     run_dir: Path
-    model: torch.nn.Module
+    scorer: Scorer
     tokenizer: object
     label_names: list[str]
     threshold: float | None
@@ -42,6 +42,11 @@ class ServedModel:
     max_length: int
     base_model: str
     clean: CleanConfig = field(default_factory=CleanConfig)
+    decision: Decision = field(default_factory=Decision)  # how logits become probabilities and labels
+
+    def __post_init__(self) -> None:
+        if self.decision == Decision() and self.threshold is not None:
+            self.decision = Decision(threshold=self.threshold)
 
     def cleaned(self, text: str) -> str:
         """The text as the run saw its training data (the same cleaning as `newstune predict`)."""
@@ -49,12 +54,11 @@ class ServedModel:
 
     def classify(self, texts: list[str]) -> list[dict]:
         ids = self.tokenizer([self.cleaned(t) for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
-        logits = predict_logits(self.model, ids, self.tokenizer.pad_token_id, 64, self.precision)
-        probs = softmax(logits.numpy().astype(np.float64))
-        labels = decide(probs, self.threshold)
-        return [{"label": self.label_names[int(label)],
-                 "probabilities": {n: round(float(p), 6) for n, p in zip(self.label_names, row)}}
-                for label, row in zip(labels, probs)]
+        probs = decisions.probabilities(self.scorer.logits(ids, MAX_TEXTS), self.decision)
+        names = decisions.label_names(decisions.labels(probs, self.decision), self.label_names, self.decision)
+        key = "labels" if self.decision.multi_label else "label"
+        return [{key: name, "probabilities": {n: round(float(p), 6) for n, p in zip(self.label_names, row)}}
+                for name, row in zip(names, probs)]
 
 
 def _shared_key(name: str) -> str | None:
@@ -81,43 +85,58 @@ def share_base_weights(model: torch.nn.Module, shared: dict[str, torch.nn.Parame
     return reused
 
 
-def load_served(specs: list[str]) -> dict[str, ServedModel]:
-    """Specs are RUN or NAME=RUN. Runs over the same base model share its weights."""
+def load_served(specs: list[str], backend: str = "torch") -> dict[str, ServedModel]:
+    """Specs are RUN or NAME=RUN. Runs over the same base model share its weights; `backend` as in load_run."""
     served: dict[str, ServedModel] = {}
     pools: dict[tuple[str, str], dict[str, torch.nn.Parameter]] = {}
     for spec in specs:
         name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
-        run = load_run(Path(path))
+        run = load_run(Path(path), backend=backend)
         run.model.requires_grad_(False)
         frozen = read_metrics(run.run_dir).get("efficiency", {}).get("frozen_weights_dtype", "fp32")
         pool = pools.setdefault((run.config.model.name, frozen), {})
         share_base_weights(run.model, pool)
-        served[name] = ServedModel(name, run.run_dir, run.model, run.tokenizer, run.label_names, run.threshold,
-                                   run.precision, run.config.data.max_length, run.config.model.name,
-                                   run.config.data.clean)
+        served[name] = ServedModel(name, run.run_dir, run.scorer, run.tokenizer, run.label_names, run.threshold,
+                                   run.scorer.precision, run.config.data.max_length, run.config.model.name,
+                                   run.config.data.clean, run.decision)
     return served
 
 
-class MicroBatcher:
-    """Collects texts from concurrent requests for up to `max_wait_ms`, then runs them as one batch."""
+class Overloaded(Exception):
+    """The request queue is full: the client should retry after `retry_after` seconds."""
 
-    def __init__(self, model: ServedModel, executor: ThreadPoolExecutor, max_batch: int = 64,
-                 max_wait_ms: float = 4.0) -> None:
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the server is busy; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class MicroBatcher:
+    """Collects texts from concurrent requests for up to `max_wait_ms`, then runs them as one batch.
+
+    At most `max_queue` requests wait; one more is refused (Overloaded) instead of piling up latency.
+    """
+
+    def __init__(self, model: ServedModel, executor: ThreadPoolExecutor, max_batch: int = MAX_TEXTS,
+                 max_wait_ms: float = 4.0, max_queue: int = 256) -> None:
         self.model = model
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue()
+        self.max_queue = max_queue
+        self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue(max_queue)
         self.task: asyncio.Task | None = None
 
     async def classify(self, texts: list[str]) -> list[dict]:
         loop = asyncio.get_running_loop()
         if self.task is None or self.task.done() or self.task.get_loop() is not loop:
             # A worker and its queue belong to one event loop; each test client (or server) may bring its own.
-            self.queue = asyncio.Queue()
+            self.queue = asyncio.Queue(self.max_queue)
             self.task = loop.create_task(self._worker(self.queue))
         future = loop.create_future()
-        await self.queue.put((texts, future))
+        try:
+            self.queue.put_nowait((texts, future))
+        except asyncio.QueueFull:
+            raise Overloaded(retry_after=1) from None
         return await future
 
     async def _worker(self, queue: asyncio.Queue[tuple[list[str], asyncio.Future]]) -> None:
@@ -173,7 +192,8 @@ class ClassifyRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str
+    label: str | None = Field(None, description="The predicted class (single-label models).")
+    labels: list[str] | None = Field(None, description="Multi-label models: every label that applies (maybe none).")
     probabilities: dict[str, float]
 
 
@@ -186,8 +206,10 @@ class ServedInfo(BaseModel):
     name: str
     labels: list[str]
     threshold: float | None
+    multi_label: bool = Field(False, description="Results carry `labels` (a set) instead of one `label`.")
     base_model: str = Field(description="A hub id, or the folder name of a local model (never its path).")
     run: str = Field(description="The run's folder name (never its path on the server).")
+    backend: str = Field(description="What computes the logits: torch-bf16, torch-fp32, onnx-int8, openvino-int8, ...")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -195,6 +217,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Detail, "description": "Unknown model."},
     413: {"model": Detail, "description": f"Request body over {MAX_BODY_BYTES} bytes."},
     422: {"model": Problems, "description": "Invalid request: where (loc), what (msg) and its kind (type)."},
+    503: {"model": Detail, "description": "Too many requests queued; retry after the Retry-After header's seconds."},
 }
 
 
@@ -203,7 +226,7 @@ def public_name(name: str) -> str:
     return Path(name).name if Path(name).is_absolute() else name
 
 
-def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0,
+def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_queue: int = 256,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     # FastAPIOffline: /docs and /redoc load their JS/CSS from this server, not a CDN (they work offline)
     app = FastAPIOffline(title="newstune", description="News classifiers trained with newstune.", version="1")
@@ -211,7 +234,8 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0,
     app.add_exception_handler(RequestValidationError, validation_error)
     _name_models_in_schema(app, list(served))
     executor = ThreadPoolExecutor(max_workers=1)  # one torch worker: the cores are shared, not split
-    batchers = {name: MicroBatcher(model, executor, max_wait_ms=max_wait_ms) for name, model in served.items()}
+    batchers = {name: MicroBatcher(model, executor, max_wait_ms=max_wait_ms, max_queue=max_queue)
+                for name, model in served.items()}
 
     @app.get("/health")
     def health() -> dict:
@@ -219,10 +243,11 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0,
 
     @app.get("/v1/models")
     def models() -> list[ServedInfo]:
-        return [ServedInfo(name=m.name, labels=m.label_names, threshold=m.threshold,
-                           base_model=public_name(m.base_model), run=m.run_dir.name) for m in served.values()]
+        return [ServedInfo(name=m.name, labels=m.label_names, threshold=m.threshold, multi_label=m.decision.multi_label,
+                           base_model=public_name(m.base_model), run=m.run_dir.name, backend=m.scorer.name)
+                for m in served.values()]
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
+    @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
     async def classify(request: ClassifyRequest) -> ClassifyResponse:
         model = served.get(request.model)
         if model is None:
@@ -232,7 +257,10 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0,
             raise RequestValidationError([{"loc": ("body", "texts", i), "type": "empty_text",
                                            "msg": f"text is empty: it has no {VISIBLE} once cleaned"}
                                           for i in empty])
-        results = await batchers[request.model].classify(request.texts)
+        try:
+            results = await batchers[request.model].classify(request.texts)
+        except Overloaded as busy:
+            raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after)}) from None
         return ClassifyResponse(model=request.model, results=[Prediction(**r) for r in results])
 
     @app.get("/", response_class=HTMLResponse)
@@ -255,7 +283,11 @@ def _name_models_in_schema(app: FastAPI, names: list[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def serve(specs: list[str], host: str, port: int) -> None:
+def serve(specs: list[str], host: str, port: int, backend: str = "auto", quiet: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(load_served(specs)), host=host, port=port, log_level="info")
+    served = load_served(specs, backend)
+    for model in served.values():
+        print(f"{model.name}: backend {model.scorer.name}", flush=True)
+    uvicorn.run(create_app(served), host=host, port=port, log_level="warning" if quiet else "info",
+                access_log=not quiet)

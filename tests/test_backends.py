@@ -1,0 +1,161 @@
+"""Inference backends: ONNX Runtime and OpenVINO exports of a tiny run, their accuracy gate, and who picks them."""
+
+import asyncio
+import json
+import shutil
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import newstune.backend_export
+from newstune.backend_export import export_backend
+from newstune.backends import Scorer, choose_export
+from newstune.config import validate
+from newstune.errors import NewstuneError
+from newstune.predict import predict_file
+from newstune.run import export_dir, load_run
+from newstune.serve import create_app, load_served
+from newstune.train import train
+
+from .conftest import synthetic_rows, tiny_config, write_csv
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+EXPORTS = [("onnx", False), ("onnx", True), ("openvino", False), ("openvino", True)]
+
+
+def _native_bf16() -> bool:
+    return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_models, tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("backend_runs")
+    trained, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data)), root / "topics")
+    return trained
+
+
+@pytest.fixture
+def fresh_run(run_dir, tmp_path):
+    """A copy of the trained run, so each test starts without exports."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("exports"))
+    return copy
+
+
+@pytest.mark.parametrize(("backend", "int8"), EXPORTS)
+def test_each_backend_export_matches_pytorch_on_validation(fresh_run, backend, int8):
+    checks = export_backend(fresh_run, backend, int8=int8)
+    folder = export_dir(fresh_run, backend, "int8" if int8 else "fp32")
+    assert json.loads((folder / "export_checks.json").read_text()) == checks
+    quality = checks["validation"]
+    assert checks["passed"] and quality["n"] == 60
+    loaded = load_run(fresh_run, backend=backend)
+    assert loaded.scorer.backend == backend
+    if int8 or loaded.scorer.precision == "bf16":  # fewer bits move logits a little, labels hardly ever
+        assert quality["label_agreement"] >= 0.95 and quality["max_abs_logit_diff"] < 0.5
+    else:  # the same fp32 graph: equal logits up to kernel rounding
+        assert quality["label_agreement"] == 1.0 and quality["max_abs_logit_diff"] < 1e-3
+    runs_bf16 = backend == "openvino" and _native_bf16()  # OpenVINO's own choice on such CPUs
+    assert loaded.scorer.precision == ("int8" if int8 else "bf16" if runs_bf16 else "fp32")
+
+
+def test_the_gate_refuses_an_int8_model_that_loses_accuracy(fresh_run, monkeypatch):
+    real = newstune.backend_export.export_scorer
+
+    def broken(*args, **kwargs) -> Scorer:  # an int8 model whose logits came out scrambled
+        scorer = real(*args, **kwargs)
+        forward = scorer.forward
+        scorer.forward = lambda ids, mask: np.roll(forward(ids, mask), 1, axis=1)
+        return scorer
+
+    monkeypatch.setattr(newstune.backend_export, "export_scorer", broken)
+    with pytest.raises(NewstuneError, match=r"^onnx int8 export refused: validation macro-F1 .* points below "
+                                            r"PyTorch's .* \(tolerance 0.5 points\); nothing was written"):
+        export_backend(fresh_run, "onnx", int8=True)
+    assert not (fresh_run / "exports").exists() or list((fresh_run / "exports").iterdir()) == []
+
+    checks = export_backend(fresh_run, "onnx", int8=True, force=True)
+    assert not checks["passed"] and checks["forced"]
+    assert load_run(fresh_run, backend="auto").backend.startswith("torch")  # a forced export is never picked
+    with pytest.raises(NewstuneError, match="no onnx export that passed its accuracy check"):
+        load_run(fresh_run, backend="onnx")
+
+
+def test_an_existing_export_is_never_overwritten(fresh_run):
+    export_backend(fresh_run, "onnx")
+    before = (export_dir(fresh_run, "onnx", "fp32") / "model.onnx").read_bytes()
+    with pytest.raises(NewstuneError, match="already exists; delete it"):
+        export_backend(fresh_run, "onnx")
+    assert (export_dir(fresh_run, "onnx", "fp32") / "model.onnx").read_bytes() == before
+
+
+def _export(backend: str, precision: str, speedup: float, passed: bool = True) -> dict:
+    return {"backend": backend, "precision": precision, "passed": passed, "speed": {"speedup": speedup},
+            "folder": f"exports/{backend}-{precision}"}
+
+
+def test_auto_picks_the_fastest_passed_export_faster_than_pytorch():
+    exports = [_export("onnx", "fp32", 1.4), _export("onnx", "int8", 2.5), _export("openvino", "int8", 3.9, False),
+               _export("openvino", "fp32", 2.1)]
+    assert choose_export(exports, "auto")["folder"] == "exports/onnx-int8"
+    assert choose_export(exports, "openvino")["folder"] == "exports/openvino-fp32"
+    assert choose_export(exports, "torch") is None
+    assert choose_export([_export("onnx", "fp32", 0.8)], "auto") is None  # slower than PyTorch: keep PyTorch
+    assert choose_export([_export("onnx", "fp32", 0.8)], "onnx")["precision"] == "fp32"  # asked for by name
+    with pytest.raises(NewstuneError, match="--backend tensorrt: choose auto, torch, onnx or openvino"):
+        choose_export(exports, "tensorrt")
+
+
+def test_predict_and_serve_give_the_same_probabilities_on_every_backend(fresh_run, tmp_path):
+    export_backend(fresh_run, "openvino")
+    source = write_csv(tmp_path / "in.csv", synthetic_rows(40, 11))
+    outputs, precisions = {}, {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / f"{backend}.jsonl"
+        loaded = load_run(fresh_run, backend=backend)
+        precisions[backend] = loaded.scorer.precision
+        predict_file(loaded, source, out)
+        outputs[backend] = [json.loads(line) for line in out.read_text().splitlines()]
+    tolerance = 1e-2 if precisions["openvino"] == "bf16" else 1e-4  # bf16 keeps 8 bits of mantissa
+    for ours, theirs in zip(outputs["torch"], outputs["openvino"]):
+        assert ours["predicted_label"] == theirs["predicted_label"]
+        assert list(ours["probabilities"].values()) == pytest.approx(list(theirs["probabilities"].values()),
+                                                                      abs=tolerance)
+
+    served = load_served([f"topics={fresh_run}"], backend="openvino")
+    client = TestClient(create_app(served))
+    assert client.get("/v1/models").json()[0]["backend"] == f"openvino-{precisions['openvino']}"
+    first_text = synthetic_rows(40, 11)[0][0]
+    response = client.post("/v1/classify", json={"model": "topics", "texts": [first_text]}).json()["results"][0]
+    assert list(response["probabilities"].values()) == pytest.approx(
+        list(outputs["openvino"][0]["probabilities"].values()), abs=1e-6)
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_models):
+    import time
+
+    import httpx
+
+    from .conftest import make_served
+
+    served = make_served(tiny_models["bert"], ["business", "science", "sports"])
+    real = served.classify
+    served.classify = lambda texts: (time.sleep(0.5), real(texts))[1]  # a busy model: the queue fills behind it
+    app = create_app({"topics": served}, max_wait_ms=1, max_queue=2)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            body = {"model": "topics", "texts": ["goal match team"]}
+            first = asyncio.create_task(http.post("/v1/classify", json=body))
+            await asyncio.sleep(0.2)  # the first request is now being computed
+            return [await first, *await asyncio.gather(*(http.post("/v1/classify", json=body) for _ in range(5)))]
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses].count(200) == 3  # the one computing and the two queued
+    busy = [r for r in responses if r.status_code == 503]
+    assert len(busy) == 3
+    assert busy[0].headers["Retry-After"] == "1" and "retry after 1 s" in busy[0].json()["detail"]
