@@ -41,7 +41,8 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     """Which dataset, where it lives, how text is built and split."""
 
-    name: Literal["ag_news", "liar", "huffpost", "files"] = Field(description="Dataset loader.")
+    name: Literal["ag_news", "liar", "huffpost", "files", "liar_subjects"] = Field(
+        description="Dataset loader; liar_subjects: LIAR statements -> their subjects (multi-label).")
     dir: Path | None = Field(
         None, description="Folder with the dataset files; else $NEWSTUNE_DATA/<name>; else the HF hub."
     )
@@ -52,6 +53,11 @@ class DataConfig(_Section):
     text_template: str | None = Field(None, description="files: e.g. '{title}. {body}'; default joins with ' '.")
     label_column: str = Field("label", description="files: label column (strings or integers).")
     label_names: list[str] | None = Field(None, description="Fix the label order (else sorted from train).")
+    multi_label: bool = Field(False, description="files: each label cell holds several labels (label_separator "
+                              "or a JSON list); sigmoid outputs, BCE loss, per-label thresholds.")
+    label_separator: str = Field("|", min_length=1, description="multi_label: separator inside a label cell.")
+    top_labels: int | None = Field(None, ge=2, description="multi_label: keep the N most frequent training labels; "
+                                   "other labels are dropped, and rows left with none are left out.")
     labels: Literal["six", "binary"] = Field("binary", description="liar: six-way or fake/true.")
     metadata_fields: list[str] = Field(
         default_factory=lambda: ["speaker", "job", "state", "party", "subject", "context"],
@@ -117,7 +123,8 @@ class TrainSettings(_Section):
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     class_weights: Literal["none", "auto"] | list[float] = Field(
-        "none", description="'auto' = inverse train frequency, or one weight per class."
+        "none", description="'auto' = inverse train frequency, or one weight per class; multi-label: positive-class "
+        "weights (auto = negatives / positives of each label)."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     bf16_frozen_weights: bool = Field(
@@ -149,7 +156,12 @@ class ExtraEvalSet(_Section):
 
 
 class EvalSettings(_Section):
-    tune_threshold: bool = Field(True, description="Binary tasks: tune the decision threshold on validation.")
+    tune_threshold: bool = Field(True, description="Binary tasks: tune the decision threshold on validation; "
+                                 "multi-label: one threshold per label.")
+    calibration: Literal["none", "temperature", "vector"] = Field(
+        "temperature", description="Fit on validation after training: one temperature, or one per class (vector).")
+    tune_class_bias: bool = Field(False, description="Multi-class: per-class offsets on the log-probabilities "
+                                  "tuned on validation for macro-F1.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
     extra: list[ExtraEvalSet] = Field(default_factory=list, description="Extra labelled sets (OOD) to evaluate.")

@@ -9,29 +9,41 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    hamming_loss,
+    log_loss,
+    precision_recall_fscore_support,
+)
+
+from newstune import decisions  # noqa: E402
+from newstune.decisions import Decision, as_decision  # noqa: E402
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.9501, 0.01), 2)
+ECE_BINS = 15
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    return decisions.probabilities(logits)
 
 
 def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """Argmax, or for two classes: class 1 when its probability reaches the tuned threshold."""
-    if threshold is not None and probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(axis=1)
+    return decisions.labels(probs, Decision(threshold=threshold))
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray, label_names: list[str],
-                           threshold: float | None = None) -> dict:
+                           decision: Decision | float | None = None) -> dict:
+    """A split's metrics under the run's decision rule (a bare float is a binary threshold)."""
+    decision = as_decision(decision)
     labels = np.asarray(labels)
-    probs = softmax(np.asarray(logits, dtype=np.float64))
-    preds = decide(probs, threshold)
+    probs = decisions.probabilities(logits, decision)
+    if decision.multi_label:
+        return multilabel_metrics(labels, probs, label_names, decision)
+    preds = decisions.labels(probs, decision)
     classes = list(range(len(label_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, preds, labels=classes, zero_division=0)
@@ -40,12 +52,78 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, label_names: 
         "accuracy": float(accuracy_score(labels, preds)),
         "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0)),
         "loss": loss,
+        **{k: v for k, v in calibration_scores(labels, probs, decision).items() if k != "log_loss"},
         "n": int(len(labels)),
-        "threshold": threshold,
+        "threshold": decision.threshold,
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                              "support": int(support[i])} for i, name in enumerate(label_names)},
         "confusion_matrix": confusion_matrix(labels, preds, labels=classes).tolist(),
     }
+
+
+def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, label_names: list[str], decision: Decision) -> dict:
+    """Micro/macro-F1, subset accuracy (also reported as `accuracy`), Hamming loss, per-label scores and support."""
+    truth = labels.reshape(len(labels), len(label_names)).astype(int)
+    preds = decisions.labels(probs, decision)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, preds, zero_division=0)
+    subset = float(accuracy_score(truth, preds)) if len(truth) else 0.0
+    scores = calibration_scores(truth, probs, decision)
+    return {
+        "accuracy": subset, "subset_accuracy": subset,
+        "micro_f1": float(f1_score(truth, preds, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, preds, average="macro", zero_division=0)),
+        "hamming_loss": float(hamming_loss(truth, preds)) if len(truth) else 0.0,
+        "loss": scores.pop("log_loss"), **scores, "n": int(len(truth)),
+        "labels_per_text": {"true": float(truth.sum(1).mean()) if len(truth) else 0.0,
+                            "predicted": float(preds.sum(1).mean()) if len(truth) else 0.0},
+        "label_thresholds": decision.label_thresholds,
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(label_names)},
+    }
+
+
+def expected_calibration_error(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of |mean outcome - mean confidence|, weighted by the bin's share."""
+    if len(confidence) == 0:
+        return 0.0
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        total += inside.mean() * abs(outcome[inside].mean() - confidence[inside].mean())
+    return float(total)
+
+
+def confidence_outcome(labels: np.ndarray, probs: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray]:
+    """What ECE bins: the top class's probability and whether it is right; multi-label: every label's probability
+    and whether the label applies."""
+    if decision.multi_label:
+        return probs.ravel(), labels.ravel().astype(float)
+    return probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
+
+
+def calibration_scores(labels: np.ndarray, probs: np.ndarray, decision: Decision) -> dict:
+    """ECE (15 bins), Brier score and log loss of the probabilities."""
+    if len(labels) == 0:
+        return {"ece": 0.0, "brier": 0.0, "log_loss": 0.0}
+    probs = np.clip(probs, 1e-12, 1 - 1e-12)
+    if decision.multi_label:
+        truth, flat = labels.ravel(), probs.ravel()
+        brier, loss = brier_score_loss(truth, flat, labels=[0, 1]), log_loss(truth, flat, labels=[0, 1])
+    else:
+        classes = list(range(probs.shape[1]))
+        brier = brier_score_loss(labels, probs, labels=classes)
+        loss = log_loss(labels, probs / probs.sum(1, keepdims=True), labels=classes)
+    return {"ece": expected_calibration_error(*confidence_outcome(labels, probs, decision)), "brier": float(brier),
+            "log_loss": float(loss)}
+
+
+def calibration_report(labels: np.ndarray, logits: np.ndarray, decision: Decision) -> dict:
+    """ECE, Brier and log loss of the raw probabilities (before) and of the calibrated ones (after)."""
+    labels = np.asarray(labels)
+    before = calibration_scores(labels, decisions.probabilities(logits, decision.uncalibrated()), decision)
+    after = calibration_scores(labels, decisions.probabilities(logits, decision), decision)
+    return {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
 
 
 def tune_threshold(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
@@ -74,6 +152,35 @@ def plot_confusion(matrix: list[list[int]], label_names: list[str], path: Path, 
             ax.text(j, i, str(value), ha="center", va="center",
                     color="white" if value > cm.max() / 2 else "black", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reliability_bins(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> list[tuple]:
+    """(mean confidence, mean outcome, count) of every non-empty equal-width bin."""
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return [(confidence[which == b].mean(), outcome[which == b].mean(), int((which == b).sum()))
+            for b in np.unique(which)]
+
+
+def plot_reliability(labels: np.ndarray, logits: np.ndarray, decision: Decision, path: Path, title: str) -> None:
+    """Reliability diagram: observed frequency against predicted probability, before and after calibration."""
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for name, rule, style in (("before", decision.uncalibrated(), "s--"), ("after", decision, "o-")):
+        probs = decisions.probabilities(logits, rule)
+        confidence, outcome = confidence_outcome(labels, probs, decision)
+        points = reliability_bins(confidence, outcome)
+        ece = expected_calibration_error(confidence, outcome)
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("predicted probability (label probabilities)" if decision.multi_label else "confidence")
+    ax.set_ylabel("observed frequency" if decision.multi_label else "accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -144,12 +144,19 @@ def attention(setting: str) -> str | None:
     return None if setting == "auto" else setting
 
 
-def load_base(model_settings: ModelSettings, label_names: list[str]) -> tuple[PreTrainedModel, list[str], str]:
+def problem_type(multi_label: bool) -> str:
+    """The HF config's problem_type: what a plain `from_pretrained` + pipeline of an export applies (sigmoid or not)."""
+    return "multi_label_classification" if multi_label else "single_label_classification"
+
+
+def load_base(model_settings: ModelSettings, label_names: list[str],
+              multi_label: bool = False) -> tuple[PreTrainedModel, list[str], str]:
     path = resolve_model_path(model_settings.name)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)}, output_loading_info=True,
+            problem_type=problem_type(multi_label),
             attn_implementation=attention(model_settings.attn_implementation),
         )
     except (OSError, ValueError) as err:
@@ -158,8 +165,9 @@ def load_base(model_settings: ModelSettings, label_names: list[str]) -> tuple[Pr
     return model, new_head_modules(model, info["missing_keys"]), path
 
 
-def build_model(model_settings: ModelSettings, lora: LoraSettings, label_names: list[str]) -> LoadedModel:
-    model, head, path = load_base(model_settings, label_names)
+def build_model(model_settings: ModelSettings, lora: LoraSettings, label_names: list[str],
+                multi_label: bool = False) -> LoadedModel:
+    model, head, path = load_base(model_settings, label_names, multi_label)
     tokenizer = load_tokenizer(path)
     if lora.method == "lora":
         model = apply_lora(model, lora, head)
@@ -206,12 +214,13 @@ def directory_size_bytes(folder: Path) -> int:
 
 
 def load_saved_model(folder: Path, base_name: str, label_names: list[str],
-                     attn_implementation: str = "auto") -> PeftModel | PreTrainedModel:
+                     attn_implementation: str = "auto", multi_label: bool = False) -> PeftModel | PreTrainedModel:
     """The model saved by save_model: a LoRA adapter (+ head) over the base weights, or a full model."""
     if (folder / "adapter_config.json").is_file():
         base = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(base_name), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)}, attn_implementation=attention(attn_implementation))
+            label2id={n: i for i, n in enumerate(label_names)}, attn_implementation=attention(attn_implementation),
+            problem_type=problem_type(multi_label))
         return PeftModel.from_pretrained(base, folder)
     return AutoModelForSequenceClassification.from_pretrained(folder,
                                                               attn_implementation=attention(attn_implementation))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from newstune.card import write_card
 from newstune.checkpoint import (
     load_optimizer_state,
     load_weights,
@@ -38,9 +39,16 @@ from newstune.checkpoint import (
 from newstune.config import RunConfig
 from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
 from newstune.data.registry import DatasetBundle, load_dataset, load_eval_set
-from newstune.data.splits import class_weights
+from newstune.data.splits import class_weights, positive_weights
+from newstune.decisions import Decision
 from newstune.errors import Interrupted, NewstuneError
-from newstune.evaluate import classification_metrics, plot_confusion, plot_training_curves, tune_threshold
+from newstune.evaluate import (
+    calibration_report,
+    classification_metrics,
+    plot_confusion,
+    plot_reliability,
+    plot_training_curves,
+)
 from newstune.fast_dropout import use_fast_dropout
 from newstune.frozen_prefix import FrozenPrefix
 from newstune.infer import median_latency_ms, predict_logits
@@ -60,9 +68,11 @@ from newstune.run import (
     planned_run_dir,
     read_config,
     read_labels,
+    write_decision,
     write_metrics,
     write_run_header,
 )
+from newstune.tuning import fit_decision
 
 log = logging.getLogger("newstune")
 CHECKPOINT = "checkpoints/last.safetensors"
@@ -170,7 +180,9 @@ class Trainer:
         set_seed(cfg.seed)
         self.bundle = bundle or load_dataset(self.config.data, cfg.seed)
         self.label_names = self.bundle.label_names
-        loaded = build_model(self.config.model, self.config.lora, self.label_names)
+        self.multi_label = bool(self.bundle.info.get("multi_label"))
+        self.decision = Decision(multi_label=self.multi_label)  # until fit_decision on validation after training
+        loaded = build_model(self.config.model, self.config.lora, self.label_names, self.multi_label)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         check_max_length(self.model, self.config.data.max_length)
         self.parameters = count_parameters(self.model)
@@ -189,7 +201,8 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                        self.total_steps)
-        self.loss_fn = torch.nn.CrossEntropyLoss(weight=self._class_weights())
+        self.loss_fn = (torch.nn.BCEWithLogitsLoss(pos_weight=self._class_weights()) if self.multi_label
+                        else torch.nn.CrossEntropyLoss(weight=self._class_weights()))
         if cfg.compile:
             self.model = torch.compile(self.model, dynamic=True)
         self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
@@ -237,7 +250,9 @@ class Trainer:
         if weights == "none":
             return None
         n_classes = len(self.label_names)
-        if weights == "auto":
+        if weights == "auto" and self.multi_label:
+            weights = positive_weights(self.bundle.splits["train"].labels)
+        elif weights == "auto":
             weights = class_weights(self.bundle.splits["train"].labels, n_classes)
         if len(weights) != n_classes:
             raise NewstuneError(f"train.class_weights has {len(weights)} values but the data has {n_classes} "
@@ -279,13 +294,13 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
 
-    def evaluate_split(self, split: str, threshold: float | None = None) -> tuple[dict, torch.Tensor]:
+    def evaluate_split(self, split: str, decision: Decision | None = None) -> tuple[dict, torch.Tensor]:
         model = self.accelerator.unwrap_model(self.model)
         logits = predict_logits(model, self.encoded[split], self.tokenizer.pad_token_id,
                                 self.config.train.eval_batch_size, self.precision, self.device,
                                 progress=self.accelerator.is_main_process, desc=f"evaluate {split}")
         labels = np.asarray(self.bundle.splits[split].labels)
-        return classification_metrics(labels, logits.numpy(), self.label_names, threshold), logits
+        return classification_metrics(labels, logits.numpy(), self.label_names, decision or self.decision), logits
 
     def _evaluate_epoch(self, epoch: int) -> bool:
         """Validation metrics after an epoch; keeps the best weights; returns True when training should stop."""
@@ -431,6 +446,7 @@ class Trainer:
         cfg = self.config.train
         with self.accelerator.accumulate(self.model):
             labels = batch.pop("labels")
+            labels = labels.float() if self.multi_label else labels
             with record_function("newstune::forward"):
                 loss = self.loss_fn(self.forward_logits(batch).float(), labels)
             with record_function("newstune::backward"):
@@ -476,33 +492,50 @@ class Trainer:
     # ------------------------------------------------------------ the finished run
 
     def finish(self) -> dict:
-        """Best weights back in, threshold tuned on validation, test evaluated once, everything written."""
+        """Best weights back in, decision rule fitted on validation, test evaluated once, everything written."""
         if not self.accelerator.is_main_process:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         if (self.run_dir / BEST_WEIGHTS).is_file():
             model.load_state_dict(load_weights(self.run_dir / BEST_WEIGHTS)[0], strict=False)
-        validation, val_logits = self.evaluate_split("validation")
-        threshold = self.threshold = None
-        if len(self.label_names) == 2 and self.config.eval.tune_threshold:
-            threshold, _ = tune_threshold(np.asarray(self.bundle.splits["validation"].labels), val_logits.numpy())
-            self.threshold = threshold
-            validation, _ = self.evaluate_split("validation", threshold)
+        _, val_logits = self.evaluate_split("validation")
+        val_labels = np.asarray(self.bundle.splits["validation"].labels)
+        self.decision = fit_decision(val_labels, val_logits.numpy(), self.config.eval, self.multi_label)
+        validation = classification_metrics(val_labels, val_logits.numpy(), self.label_names, self.decision)
         final_split = "test" if self.config.eval.test else "validation"
         start = time.perf_counter()
-        final, _ = self.evaluate_split(final_split, threshold)
+        final, final_logits = self.evaluate_split(final_split)
         eval_seconds = time.perf_counter() - start
         save_model(model, self.tokenizer, self.run_dir / MODEL_DIR)
+        logits = {"validation": val_logits.numpy(), final_split: final_logits.numpy()}
         metrics = {"validation": validation, **({"test": final} if self.config.eval.test else {}),
-                   "threshold": threshold, "efficiency": self._efficiency(model, final_split, eval_seconds),
+                   "threshold": self.decision.threshold, "decision": self.decision.to_dict(),
+                   "calibration": self._calibration(logits),
+                   "efficiency": self._efficiency(model, final_split, eval_seconds),
                    "data": self._data_info(), "best_epoch": self.state.best_epoch,
                    "leaky": bool(self.bundle.info.get("leaky", False))}
         metrics.update(self._extra_evaluations(model))
+        write_decision(self.run_dir, self.decision)
         write_metrics(self.run_dir, metrics)
-        plot_confusion(final["confusion_matrix"], self.label_names, self.run_dir / f"confusion_{final_split}.png",
-                       f"{self.config.name}: {final_split}")
-        plot_training_curves(self.state.history, self.run_dir / "training_curves.png", self.config.name)
+        self._plots(final, logits[final_split], final_split)
+        write_card(self.run_dir)
         return metrics
+
+    def _calibration(self, logits: dict[str, np.ndarray]) -> dict:
+        """ECE, Brier and log loss before and after calibration, per split."""
+        report = {"method": self.decision.calibration, "temperature": self.decision.temperature}
+        for split, split_logits in logits.items():
+            labels = np.asarray(self.bundle.splits[split].labels)
+            report[split] = calibration_report(labels, split_logits, self.decision)
+        return report
+
+    def _plots(self, final: dict, final_logits: np.ndarray, final_split: str) -> None:
+        if not self.multi_label:
+            plot_confusion(final["confusion_matrix"], self.label_names,
+                           self.run_dir / f"confusion_{final_split}.png", f"{self.config.name}: {final_split}")
+        plot_reliability(np.asarray(self.bundle.splits[final_split].labels), final_logits, self.decision,
+                         self.run_dir / f"reliability_{final_split}.png", f"{self.config.name}: {final_split}")
+        plot_training_curves(self.state.history, self.run_dir / "training_curves.png", self.config.name)
 
     def _extra_evaluations(self, model: torch.nn.Module) -> dict:
         """Each configured extra set (e.g. out-of-distribution), with the run's threshold."""
@@ -513,7 +546,7 @@ class Trainer:
             logits = predict_logits(model, ids, self.tokenizer.pad_token_id, self.config.train.eval_batch_size,
                                     self.precision, self.device)
             out[f"extra:{extra.name}"] = classification_metrics(np.asarray(split.labels), logits.numpy(),
-                                                                self.label_names, self.threshold)
+                                                                self.label_names, self.decision)
         return out
 
     def _data_info(self) -> dict:

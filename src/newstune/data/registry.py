@@ -15,7 +15,7 @@ import pandas as pd
 from newstune.config import DataConfig
 from newstune.data.augment import augment_train
 from newstune.data.files import read_table, require_columns
-from newstune.data.splits import TextSplit, encode_labels, stratified_split
+from newstune.data.splits import TextSplit, encode_label_sets, encode_labels, split_label_set, stratified_split
 from newstune.data.text import LIAR_CREDIT_FIELDS, LIAR_FIELD_TITLES, clean_text, textualize_liar
 from newstune.errors import NewstuneError
 
@@ -43,6 +43,16 @@ HUFFPOST_MERGES = {
     "COLLEGE": "EDUCATION", "MONEY": "BUSINESS",
 }
 HF_HUB_IDS = {"ag_news": "fancyzhx/ag_news", "liar": "ucsbnlp/liar", "huffpost": "heegyu/news-category-dataset"}
+DATA_FOLDERS = {"liar_subjects": "liar"}  # datasets read from another dataset's files
+
+
+def is_multi_label(config: DataConfig) -> bool:
+    return config.multi_label or config.name == "liar_subjects"
+
+
+def liar_fields(config: DataConfig) -> list[str]:
+    """The LIAR metadata written into the text; liar_subjects leaves out the subjects, which are its labels."""
+    return [f for f in config.metadata_fields if not (config.name == "liar_subjects" and f == "subject")]
 
 
 def data_dir(config: DataConfig) -> Path | None:
@@ -51,8 +61,9 @@ def data_dir(config: DataConfig) -> Path | None:
             raise NewstuneError(f"data.dir {config.dir} is not a folder; point it at the dataset's files")
         return config.dir
     root = os.environ.get("NEWSTUNE_DATA")
-    if root and (Path(root) / config.name).is_dir():
-        return Path(root) / config.name
+    folder = DATA_FOLDERS.get(config.name, config.name)
+    if root and (Path(root) / folder).is_dir():
+        return Path(root) / folder
     return None
 
 
@@ -117,6 +128,16 @@ def load_liar(config: DataConfig, folder: Path) -> tuple[dict[str, list[tuple[st
     return rows, (["fake", "true"] if config.labels == "binary" else list(LIAR_SIX))
 
 
+def load_liar_subjects(config: DataConfig, folder: Path) -> tuple[dict[str, list[tuple[str, tuple]]], None]:
+    """LIAR statements (with the chosen metadata but never the subjects) labelled with their subjects."""
+    rows = {}
+    for split, name in (("train", "train.tsv"), ("validation", "valid.tsv"), ("test", "test.tsv")):
+        records = read_liar(find_file(folder, [name], f"LIAR {split}")).to_dict("records")
+        rows[split] = [(textualize_liar(r, liar_fields(config), False), split_label_set(r["subject"], ","))
+                       for r in records]
+    return rows, None
+
+
 def load_huffpost(config: DataConfig, folder: Path) -> tuple[dict[str, list[tuple[str, str]]], None]:
     path = find_file(folder, ["News_Category_Dataset_v3.json", "News_Category_Dataset_v3.head10000.jsonl",
                               "News_Category_Dataset_v2.json", "huffpost.jsonl"], "HuffPost")
@@ -143,6 +164,8 @@ def iter_file_rows(path: Path, config: DataConfig) -> Iterator[tuple[int, str, s
 def input_columns(config: DataConfig) -> list[str]:
     """The columns a row needs to be classified by a run trained on `config` (LIAR: the statement; its metadata
     columns are used when present, as training used them)."""
+    if config.name == "liar_subjects":
+        return ["statement"]
     if config.name == "liar":
         return ["statement", *(LIAR_CREDIT_FIELDS if config.credit_history else [])]
     return list(config.text_columns)
@@ -150,9 +173,9 @@ def input_columns(config: DataConfig) -> list[str]:
 
 def record_text(record: dict[str, str], config: DataConfig) -> str:
     """A row's text built the way training built it, before cleaning: one path for train and predict."""
-    if config.name == "liar":
+    if config.name in ("liar", "liar_subjects"):
         row = {column: str(record.get(column) or "") for column in LIAR_COLUMNS}
-        return textualize_liar(row, config.metadata_fields, config.credit_history)
+        return textualize_liar(row, liar_fields(config), config.credit_history and config.name == "liar")
     return build_text(record, config)
 
 
@@ -181,7 +204,7 @@ def load_files(config: DataConfig, folder: Path | None) -> tuple[dict[str, list[
 
 
 LOADERS: dict[str, Callable] = {"ag_news": load_ag_news, "liar": load_liar, "huffpost": load_huffpost,
-                                "files": load_files}
+                                "files": load_files, "liar_subjects": load_liar_subjects}
 
 
 HUB_LIAR_COLUMNS = {"job_title": "job", "state_info": "state", "party_affiliation": "party",
@@ -252,6 +275,9 @@ def check_texts(rows: list[tuple[str, str]], split: str, drop_empty: bool) -> li
 def load_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list[str] | None]:
     """Cleaned (text, label name) rows per split as the source has them, before any label encoding."""
     folder = data_dir(config)
+    if folder is None and config.name == "liar_subjects":
+        raise NewstuneError("liar_subjects reads the LIAR TSVs from a local folder: set data.dir, --data-dir or "
+                            "NEWSTUNE_DATA (with a liar/ folder)")
     if folder is None and config.name != "files":
         raw_rows, label_names = hub_rows(config)
     else:
@@ -273,6 +299,22 @@ def check_classes(rows: list[tuple[str, str]], config: DataConfig) -> None:
 
 def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
     raw_rows, label_names = load_rows(config)
+    if is_multi_label(config):
+        splits, label_names, extra_info = multi_label_splits(raw_rows, config)
+    else:
+        splits, label_names, extra_info = single_label_splits(raw_rows, label_names, config)
+    splits = fill_missing_splits(splits, config, seed)
+    splits = limit_rows(splits, config, seed)
+    if config.augment.eda or config.augment.synthetic_file:
+        splits["train"] = augment_train(splits, label_names, config.augment, seed)
+    info = {"dataset": config.name, "rows": {s: len(v) for s, v in splits.items()}, **extra_info}
+    if config.name == "liar" and config.credit_history:
+        info["leaky"] = True
+    return DatasetBundle(splits=splits, label_names=list(label_names), info=info)
+
+
+def single_label_splits(raw_rows: dict[str, list[tuple[str, str]]], label_names: list[str] | None,
+                        config: DataConfig) -> tuple[dict[str, TextSplit], list[str], dict]:
     label_names = config.label_names or label_names or sorted({label for _, label in raw_rows["train"]})
     if config.min_class_count:
         counts = Counter(label for _, label in raw_rows["train"])
@@ -281,14 +323,36 @@ def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
     check_classes(raw_rows["train"], config)
     splits = {split: TextSplit([t for t, _ in rows], encode_labels([lab for _, lab in rows], label_names, split))
               for split, rows in raw_rows.items()}
-    splits = fill_missing_splits(splits, config, seed)
-    splits = limit_rows(splits, config, seed)
-    if config.augment.eda or config.augment.synthetic_file:
-        splits["train"] = augment_train(splits, label_names, config.augment, seed)
-    info = {"dataset": config.name, "rows": {s: len(v) for s, v in splits.items()}}
-    if config.name == "liar" and config.credit_history:
-        info["leaky"] = True
-    return DatasetBundle(splits=splits, label_names=list(label_names), info=info)
+    return splits, label_names, {}
+
+
+def multi_label_splits(raw_rows: dict[str, list[tuple[str, str | tuple]]],
+                       config: DataConfig) -> tuple[dict[str, TextSplit], list[str], dict]:
+    """Label cells split into sets and encoded as multi-hot rows; with data.top_labels only the N most frequent
+    training labels are kept and rows left without a label are left out (counted in the info)."""
+    sets = {split: [(text, split_label_set(cell, config.label_separator)) for text, cell in rows]
+            for split, rows in raw_rows.items()}
+    counts = Counter(name for _, names in sets["train"] for name in names)
+    if config.label_names:
+        label_names = list(config.label_names)
+    elif config.top_labels:
+        label_names = [name for name, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:config.top_labels]]
+    else:
+        label_names = sorted(counts)
+    left_out = {}
+    if config.top_labels:
+        keep = set(label_names)
+        for split, rows in sets.items():
+            kept = [(text, tuple(n for n in names if n in keep)) for text, names in rows]
+            sets[split] = [row for row in kept if row[1]]
+            left_out[split] = len(kept) - len(sets[split])
+    if len(label_names) < 2:
+        raise NewstuneError(f"{source_of(config, 'train')}: multi-label data needs two or more labels, found "
+                            f"{label_names}; check data.label_column and data.label_separator")
+    splits = {split: TextSplit([t for t, _ in rows],
+                               encode_label_sets([n for _, n in rows], label_names, source_of(config, split)))
+              for split, rows in sets.items()}
+    return splits, label_names, {"multi_label": True, "rows_without_kept_labels": left_out}
 
 
 def load_eval_set(data: DataConfig, label_map: dict[str, str] | None, label_names: list[str]) -> TextSplit:

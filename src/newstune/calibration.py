@@ -1,0 +1,43 @@
+"""Temperature scaling (Guo et al. 2017) fitted on validation logits: one scalar, or one temperature per class."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MIN_T, MAX_T = 0.05, 20.0
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    if multi_label:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.double())
+    return torch.nn.functional.cross_entropy(logits, labels.long())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool = False,
+                    per_class: bool = False) -> float | list[float]:
+    """The temperature(s) minimising the validation log loss of softmax (or sigmoid) of logits / T.
+
+    per_class fits one temperature per class or label (vector scaling without offsets). LBFGS on log T keeps T
+    positive; a fit that does not lower the loss below T = 1 keeps 1.
+    """
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels))
+    if len(z) == 0:
+        return [1.0] * z.shape[1] if per_class else 1.0
+    log_t = torch.zeros(z.shape[1] if per_class else 1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _nll(z / log_t.exp(), y, multi_label)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        t = log_t.exp().clamp(MIN_T, MAX_T)
+        if _nll(z / t, y, multi_label) >= _nll(z, y, multi_label):
+            t = torch.ones_like(t)
+    values = [round(float(v), 6) for v in t]
+    return values if per_class else values[0]
