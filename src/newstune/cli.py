@@ -92,6 +92,27 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="Run directory (a finished run).")],
+    method: Annotated[str | None, typer.Option(help="temperature, vector or none (default: the run's "
+                                                    "eval.calibration).")] = None,
+    tune_class_bias: Annotated[bool | None, typer.Option("--tune-class-bias/--no-tune-class-bias",
+                                                         help="Multi-class: per-class offsets for macro-F1.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Fit the run's calibration and decision rule on validation again; the old metrics.json is kept beside it."""
+    from newstune.calibrate import calibrate_run
+    from newstune.run import read_labels
+
+    if method not in (None, "temperature", "vector", "none"):
+        raise NewstuneError(f"--method {method}: choose temperature, vector or none")
+    result = calibrate_run(run, method, tune_class_bias, data_dir)
+    show_metrics(result["metrics"], read_labels(run), str(run))
+    typer.echo(json.dumps({"calibration": result["metrics"]["calibration"], "decision": result["metrics"]["decision"],
+                           "previous_metrics": result["previous_metrics"]}, indent=1))
+
+
+@app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     input: Annotated[Path, typer.Option("--input", help="CSV/TSV/JSONL with the run's text column(s).")],
