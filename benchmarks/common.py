@@ -26,6 +26,18 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_line() -> str:
+    """`cpu: <model name> [flags that decide precision and int8 speed]`, from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"cpu: {model}, {os.cpu_count()} cores, flags: {' '.join(f for f in CPU_FLAGS if f in flags) or 'none'}"
+
+
 def write_results(out_dir: Path, name: str, payload: dict, table: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
@@ -45,8 +57,8 @@ def _cell(value) -> str:
 
 
 @contextmanager
-def served(specs: list[str]) -> Iterator[str]:
-    """`newstune serve SPECS` on a free 127.0.0.1 port; yields its base URL once /health answers."""
+def served(specs: list[str], extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """`newstune serve SPECS [extra_args]` on a free 127.0.0.1 port; yields its base URL once /health answers."""
     import socket
     import subprocess
     import sys
@@ -57,7 +69,7 @@ def served(specs: list[str]) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "newstune.cli", "serve", *specs, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "newstune.cli", "serve", *specs, "--port", str(port), *extra_args],
                               env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

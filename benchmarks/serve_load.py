@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, machine, markdown_table, served, write_results  # noqa: E402
+from common import SHARED_DATA, cpu_line, machine, markdown_table, served, write_results  # noqa: E402
 
 
 async def client(http, url: str, model: str, texts: list[str], deadline: float, latencies: list, errors: list):
@@ -48,22 +48,34 @@ async def level(base: str, model: str, texts: list[str], clients: int, seconds: 
 
 
 def main() -> None:
-
     from newstune.config import DataConfig
     from newstune.data.registry import load_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--backend", default="auto", help="the server's --backend")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
-    texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts[:2000]
-    with served([f"topics={args.run}"]) as base:
+    texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts
+    with served([f"topics={args.run}"], ("--backend", args.backend, "--quiet")) as base:
+        import httpx
+
+        backend = httpx.get(base + "/v1/models").json()[0]["backend"]
         rows = [asyncio.run(level(base, "topics", texts, n, args.seconds)) for n in (1, 8, 32)]
     table = markdown_table(rows, [("clients", "concurrent clients"), ("requests", "requests"),
                                   ("requests_per_s", "requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                                   ("errors", "errors")])
-    write_results(Path(args.out), "serve_load", {"machine": machine(), "run": str(args.run), "rows": rows}, table)
+    write_results(Path(args.out), "serve_load", {"machine": machine(), "cpu": cpu_line(), "run": str(args.run),
+                                                  "backend": backend, "rows": rows},
+                  f"{table}\n\nserver backend: {backend}; single-text requests cycling over {len(texts):,} texts.")
+    at_1, at_32 = rows[0], rows[-1]
+    print(cpu_line())
+    print(f"backend: {backend}")
+    print(f"p50_ms_at_1: {at_1['p50_ms']:.1f}")
+    print(f"rps_at_32: {at_32['requests_per_s']:.0f}")
+    print(f"p99_ms_at_32: {at_32['p99_ms']:.0f}")
+    print(f"errors: {sum(r['errors'] for r in rows)} over {sum(r['requests'] for r in rows)} requests")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,11 @@ console = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=2")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder with the dataset files (data.dir).")]
+EngineName = Enum("EngineName", {"local": "local", "ray": "ray"}, type=str)
+Engine = Annotated[EngineName, typer.Option("--engine", help="local (this process) or ray (a Ray cluster; "
+                                                             "pip install 'newstune\\[ray]').")]
+Address = Annotated[str | None, typer.Option("--address", help="With --engine ray: the cluster to join (host:port, "
+                                                               "ray://host:port or auto); default a local Ray.")]
 Backend = Annotated[str, typer.Option("--backend", help="auto (the fastest export that passed its check), torch, "
                                                         "onnx or openvino.")]
 
@@ -59,17 +65,25 @@ def train(
     output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Run folder (must not exist).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue this interrupted run.")] = None,
     stop_after_steps: Annotated[int | None, typer.Option(help="Stop after N steps, resumable.")] = None,
+    engine: Engine = EngineName.local,
+    workers: Annotated[int, typer.Option(help="--engine ray: data-parallel training workers.")] = 2,
+    address: Address = None,
 ) -> None:
     """Train a classifier from a recipe; writes a run directory."""
     from newstune import train as training
     from newstune.run import read_labels
 
-    if resume is not None:
+    if resume is None and config is None:
+        raise NewstuneError("give a recipe (newstune train recipes/ag_news/minilm_lora.yaml) or --resume RUN")
+    recipe = _config_with(config, overrides, data_dir) if resume is None else None
+    if engine == "ray":
+        from newstune.ray_train import train_on_ray
+
+        run_dir, metrics = train_on_ray(recipe, output_dir, stop_after_steps, workers, address, resume)
+    elif resume is not None:
         run_dir, metrics = training.resume(resume, stop_after_steps)
     else:
-        if config is None:
-            raise NewstuneError("give a recipe (newstune train recipes/ag_news/minilm_lora.yaml) or --resume RUN")
-        run_dir, metrics = training.train(_config_with(config, overrides, data_dir), output_dir, stop_after_steps)
+        run_dir, metrics = training.train(recipe, output_dir, stop_after_steps)
     if metrics:
         show_metrics(metrics, read_labels(run_dir), str(run_dir))
     elif int(os.environ.get("RANK", "0")) == 0:
@@ -119,8 +133,20 @@ def predict(
     output: Annotated[Path, typer.Option("--output", help="Predictions file (.csv/.tsv/.jsonl); must not exist.")],
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 64,
     backend: Backend = "auto",
+    engine: Engine = EngineName.local,
+    address: Address = None,
+    workers: Annotated[int | None, typer.Option(help="--engine ray: model actors (default: cluster CPUs).")] = None,
+    shard_rows: Annotated[int, typer.Option(help="--engine ray: input rows per output shard.")] = 8192,
 ) -> None:
-    """Label a file: predicted label and each class's probability (tuned threshold applied for binary runs)."""
+    """Label a file: predicted label and each class's probability (tuned threshold applied for binary runs).
+    With --engine ray, --input is a pattern ('archive/*.jsonl.gz') and --output a folder of shards (resumable)."""
+    if engine == "ray":
+        from newstune.ray_predict import predict_files
+
+        counts = predict_files(run, str(input), output, batch_size, workers, address, shard_rows, backend)
+        typer.echo(f"{counts['predicted']} rows predicted, {counts['errors']} bad rows (see 'error' column) in "
+                   f"{counts['shards']} new shards; {counts['skipped_shards']} shards already complete -> {output}")
+        raise typer.Exit(1 if counts["errors"] else 0)
     from newstune.predict import predict_file
     from newstune.run import load_run
 
@@ -168,11 +194,13 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     backend: Backend = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No access log, warnings only.")] = False,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 4.0,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; one more gets 503 + Retry-After.")] = 256,
 ) -> None:
     """Serve runs over HTTP: POST /v1/classify, GET /v1/models, /health, /docs, and a page at /."""
     from newstune.serve import serve as run_server
 
-    run_server(runs, host, port, backend, quiet)
+    run_server(runs, host, port, backend, quiet, max_wait_ms, max_queue)
 
 
 @app.command()
@@ -234,6 +262,13 @@ def sweep(
     sampler: Annotated[str, typer.Option(help="grid, random or tpe")] = "grid",
     trials: Annotated[int | None, typer.Option(help="Trials for random/tpe.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL that several machines share, e.g. "
+                                                     "postgresql://user@host/db (default: SQLite here).")] = None,
+    engine: Engine = EngineName.local,
+    workers: Annotated[int | None, typer.Option(help="--engine ray: trials at once (default: cluster CPUs / "
+                                                     "--cpus-per-trial).")] = None,
+    cpus_per_trial: Annotated[int, typer.Option(help="--engine ray: CPUs (threads) each trial uses.")] = 1,
+    address: Address = None,
 ) -> None:
     """Hyperparameter search (Optuna, SQLite-backed: interruptible, resumable, parallel workers)."""
     from newstune.sweep import sweep as run_sweep
@@ -243,7 +278,8 @@ def sweep(
     if sampler != "grid" and not trials:
         raise NewstuneError(f"--sampler {sampler} needs --trials N")
     extra = [f"data.dir={data_dir}"] if data_dir else []
-    run_sweep(config, [*(overrides or []), *extra], grid, output_dir, max_trainable, sampler, trials, resume=resume)
+    run_sweep(config, [*(overrides or []), *extra], grid, output_dir, max_trainable, sampler, trials, resume=resume,
+              storage=storage, engine=engine, workers=workers, address=address, cpus_per_trial=cpus_per_trial)
 
 
 @app.command()

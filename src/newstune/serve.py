@@ -283,11 +283,12 @@ def _name_models_in_schema(app: FastAPI, names: list[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def serve(specs: list[str], host: str, port: int, backend: str = "auto", quiet: bool = False) -> None:
+def serve(specs: list[str], host: str, port: int, backend: str = "auto", quiet: bool = False,
+          max_wait_ms: float = 4.0, max_queue: int = 256) -> None:
     import uvicorn
 
     served = load_served(specs, backend)
     for model in served.values():
         print(f"{model.name}: backend {model.scorer.name}", flush=True)
-    uvicorn.run(create_app(served), host=host, port=port, log_level="warning" if quiet else "info",
-                access_log=not quiet)
+    uvicorn.run(create_app(served, max_wait_ms, max_queue), host=host, port=port,
+                log_level="warning" if quiet else "info", access_log=not quiet)
