@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,9 +119,11 @@ class TrainingFailed(Exception):
 
 def sweep(recipe: Path, overrides: list[str], grid_items: list[str], out_dir: Path | None,
           max_trainable: int | None, sampler: str = "grid", trials: int | None = None, metric: str | None = None,
-          resume: bool = False, max_retry: int = MAX_RETRY) -> list[dict]:
-    """Optuna study in out_dir/study.db: interruptible and resumable; parallel workers may share it.
-    A failed or killed training is retried up to max_retry times."""
+          resume: bool = False, max_retry: int = MAX_RETRY, storage: str | None = None, engine: str = "local",
+          workers: int | None = None, address: str | None = None, cpus_per_trial: int = 1) -> list[dict]:
+    """Optuna study in out_dir/study.db (or the database at `storage`, shared by several machines): interruptible
+    and resumable; parallel workers may share it. A failed or killed training is retried up to max_retry times.
+    engine "ray" runs each trial's training as a Ray task, `workers` at once."""
     base = load_config(recipe, overrides)
     base_raw = yaml.safe_load(dump_config(base))
     grid = parse_grid(grid_items)
@@ -128,21 +131,42 @@ def sweep(recipe: Path, overrides: list[str], grid_items: list[str], out_dir: Pa
         raise NewstuneError("a sweep needs at least one --grid key=v1,v2,...")
     metric = metric or base.train.metric
     out_dir = out_dir or base.output_dir / f"sweep-{base.name}"
-    if out_dir.exists() and not resume:
+    if out_dir.exists() and not resume and storage is None:  # with --storage, machines join one study
         raise NewstuneError(f"sweep folder {out_dir} exists; add --resume to continue it or choose --output-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     budget = filter_budget(base_raw, combos, max_trainable, out_dir)
-    study, retry = open_study(out_dir, base.name, grid, sampler, base.train.seed, metric, max_retry)
-    objective = make_objective(recipe, overrides, grid, budget, out_dir, metric)
+    study, retry = open_study(out_dir, base.name, grid, sampler, base.train.seed, metric, max_retry, storage)
     points = combos if sampler == "grid" else []  # random/tpe try `trials` configurations, not all of them
     target = len(points) or trials or 0
-    run_until_settled(study, objective, functools.partial(requeue, retry=retry), points, target, max_retry)
+    with trial_runner(engine, address, workers, cpus_per_trial) as (train, n_jobs):
+        if engine == "ray" and base.train.threads is None:  # trials sharing a machine share its cores
+            overrides = [*overrides, f"train.threads={cpus_per_trial}"]
+        objective = make_objective(recipe, overrides, grid, budget, out_dir, metric, train)
+        run_until_settled(study, objective, functools.partial(requeue, retry=retry), points, target, max_retry,
+                          n_jobs)
     return summarise_sweep(study, out_dir, recipe, metric, base_raw, grid, points, max_retry)
 
 
+@contextmanager
+def trial_runner(engine: str, address: str | None, workers: int | None,
+                 cpus_per_trial: int) -> Iterator[tuple[Callable | None, int]]:
+    """(how a trial trains: None = train_in_subprocess here, trials at once)."""
+    if engine != "ray":
+        yield None, workers or 1
+        return
+    from newstune.ray_sweep import ray_trials
+
+    with ray_trials(lambda: train_in_subprocess, address, workers, cpus_per_trial) as runner:
+        yield runner
+
+
+def storage_url(out_dir: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{out_dir / 'study.db'}"
+
+
 def open_study(out_dir: Path, name: str, grid: dict, sampler: str, seed: int, metric: str,
-               max_retry: int) -> tuple[optuna.Study, AfterTrial]:
+               max_retry: int, storage: str | None = None) -> tuple[optuna.Study, AfterTrial]:
     """The study and its retry callback; the storage's heartbeats re-queue the trials of a killed worker."""
     import optuna
 
@@ -154,18 +178,30 @@ def open_study(out_dir: Path, name: str, grid: dict, sampler: str, seed: int, me
         else:
             retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
             callback = {"failed_trial_callback": retry}
-        storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'study.db'}", heartbeat_interval=HEARTBEAT_S,
-                                             grace_period=GRACE_S, **callback)
+        rdb = _rdb_storage(storage_url(out_dir, storage), callback)
     samplers = {"grid": lambda: optuna.samplers.GridSampler(grid, seed=seed),
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                 "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+    study = optuna.create_study(study_name=name, storage=rdb, load_if_exists=True,
                                 direction="minimize" if metric == "loss" else "maximize", sampler=samplers[sampler]())
     return study, retry
 
 
+def _rdb_storage(url: str, callback: dict) -> optuna.storages.RDBStorage:
+    import optuna
+    import sqlalchemy
+
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **callback)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise NewstuneError(f"cannot open the study storage --storage {shown}: {first[:200]}; check the URL, that "
+                            "the database is reachable and its driver installed (PostgreSQL: psycopg2)") from None
+
+
 def make_objective(recipe: Path, overrides: list[str], grid: dict, budget: dict, out_dir: Path,
-                   metric: str) -> Callable[[optuna.Trial], float]:
+                   metric: str, train: Callable | None = None) -> Callable[[optuna.Trial], float]:
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
@@ -183,7 +219,7 @@ def make_objective(recipe: Path, overrides: list[str], grid: dict, budget: dict,
             trial.set_user_attr(name, value)
         override_list = [f"{k}={json.dumps(v)}" for k, v in params.items()] + ["eval.test=false"]
         try:
-            trained = train_in_subprocess(recipe, [*overrides, *override_list], run_dir,
+            trained = (train or train_in_subprocess)(recipe, [*overrides, *override_list], run_dir,
                                           out_dir / f"{run_dir.name}.log")
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -216,7 +252,7 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, retry: AfterTr
 
 
 def run_until_settled(study: optuna.Study, objective: Callable[[optuna.Trial], float], after_trial: AfterTrial,
-                      combos: list[dict], target: int, max_retry: int) -> None:
+                      combos: list[dict], target: int, max_retry: int, n_jobs: int = 1) -> None:
     """Runs trials until all grid points (random/tpe: `target` configurations) are ok, skipped or failed
     max_retry + 1 times. One study.optimize cannot: GridSampler stops it as soon as every grid point has a finished
     trial, FAIL included, so a retry queued after that waits for the next call."""
@@ -234,7 +270,8 @@ def run_until_settled(study: optuna.Study, objective: Callable[[optuna.Trial], f
         fresh = sum(params_key(p) not in outcomes for p in combos) if combos else target - len(outcomes)
         if queued + max(fresh, 0) == 0:
             return
-        study.optimize(objective, n_trials=queued + max(fresh, 0), catch=(TrainingFailed,), callbacks=[after_trial])
+        study.optimize(objective, n_trials=queued + max(fresh, 0), catch=(TrainingFailed,), callbacks=[after_trial],
+                       n_jobs=n_jobs)
 
 
 def params_key(params: dict) -> str:
