@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from newstune import decisions
 from newstune.backends import Scorer, export_scorer, require, torch_scorer
 from newstune.data.batching import tokenize_texts
 from newstune.data.registry import load_dataset
+from newstune.decisions import Decision
 from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics
 from newstune.model import merge_lora
@@ -116,14 +118,22 @@ def timed_logits(scorer: Scorer, ids: list[list[int]]) -> tuple[np.ndarray, floa
     return logits, len(ids) / (time.perf_counter() - start)
 
 
+def _agreement(reference: np.ndarray, exported: np.ndarray, decision: Decision) -> float:
+    """Share of texts given the same label (multi-label: the same label set) under the run's decision rule."""
+    ours, theirs = (decisions.labels(decisions.probabilities(logits, decision), decision)
+                    for logits in (reference, exported))
+    same = ours == theirs
+    return float((same.all(axis=1) if same.ndim == 2 else same).mean())
+
+
 def gate(run: LoadedRun, scorer: Scorer, validation, tolerance_points: float) -> dict:
     """Agreement, quality change and speed of `scorer` against the run's PyTorch model on the validation split."""
     ids = tokenize_texts(run.tokenizer, validation.texts, run.config.data.max_length, cache_dir() / "tokens")
     reference, torch_speed = timed_logits(torch_scorer(run.model, run.tokenizer.pad_token_id, run.precision), ids)
     exported, speed = timed_logits(scorer, ids)
     labels = np.asarray(validation.labels)
-    before = classification_metrics(labels, reference, run.label_names, run.threshold)
-    after = classification_metrics(labels, exported, run.label_names, run.threshold)
+    before = classification_metrics(labels, reference, run.label_names, run.decision)
+    after = classification_metrics(labels, exported, run.label_names, run.decision)
     f1_delta = 100 * (after["macro_f1"] - before["macro_f1"])
     checks = {
         "backend": scorer.backend, "precision": scorer.precision, "torch_precision": run.precision,
@@ -132,7 +142,7 @@ def gate(run: LoadedRun, scorer: Scorer, validation, tolerance_points: float) ->
                        "torch_accuracy": before["accuracy"], "torch_macro_f1": before["macro_f1"],
                        "accuracy_delta_points": 100 * (after["accuracy"] - before["accuracy"]),
                        "macro_f1_delta_points": f1_delta,
-                       "label_agreement": float((reference.argmax(1) == exported.argmax(1)).mean()),
+                       "label_agreement": _agreement(reference, exported, run.decision),
                        "max_abs_logit_diff": float(np.abs(reference - exported).max())},
         "speed": {"texts_per_s": speed, "torch_texts_per_s": torch_speed, "speedup": speed / torch_speed,
                   "threads": torch.get_num_threads()},
