@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts
-    with served([f"topics={args.run}"], ("--backend", args.backend, "--max-wait-ms", args.max_wait_ms, "--quiet")) as base:
+    server_args = ("--backend", args.backend, "--max-wait-ms", args.max_wait_ms, "--quiet")
+    with served([f"topics={args.run}"], server_args) as base:
         import httpx
 
         backend = httpx.get(base + "/v1/models").json()[0]["backend"]
