@@ -1,6 +1,5 @@
 """Inference backends: ONNX Runtime and OpenVINO exports of a tiny run, their accuracy gate, and who picks them."""
 
-import asyncio
 import json
 import shutil
 
@@ -133,29 +132,3 @@ def test_predict_and_serve_give_the_same_probabilities_on_every_backend(fresh_ru
     response = client.post("/v1/classify", json={"model": "topics", "texts": [first_text]}).json()["results"][0]
     assert list(response["probabilities"].values()) == pytest.approx(
         list(outputs["openvino"][0]["probabilities"].values()), abs=1e-6)
-
-
-def test_a_full_queue_answers_503_with_retry_after(tiny_models):
-    import time
-
-    import httpx
-
-    from .conftest import make_served
-
-    served = make_served(tiny_models["bert"], ["business", "science", "sports"])
-    real = served.classify
-    served.classify = lambda texts: (time.sleep(0.5), real(texts))[1]  # a busy model: the queue fills behind it
-    app = create_app({"topics": served}, max_wait_ms=1, max_queue=2)
-
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            body = {"model": "topics", "texts": ["goal match team"]}
-            first = asyncio.create_task(http.post("/v1/classify", json=body))
-            await asyncio.sleep(0.2)  # the first request is now being computed
-            return [await first, *await asyncio.gather(*(http.post("/v1/classify", json=body) for _ in range(5)))]
-
-    responses = asyncio.run(burst())
-    assert [r.status_code for r in responses].count(200) == 3  # the one computing and the two queued
-    busy = [r for r in responses if r.status_code == 503]
-    assert len(busy) == 3
-    assert busy[0].headers["Retry-After"] == "1" and "retry after 1 s" in busy[0].json()["detail"]

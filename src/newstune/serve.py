@@ -144,6 +144,9 @@ class MicroBatcher:
             pending = [await queue.get()]
             deadline = time.perf_counter() + self.max_wait
             while sum(len(t) for t, _ in pending) < self.max_batch:
+                if not queue.empty():  # what queued while the last batch ran joins this one without waiting
+                    pending.append(queue.get_nowait())
+                    continue
                 timeout = deadline - time.perf_counter()
                 if timeout <= 0:
                     break
