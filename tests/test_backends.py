@@ -132,3 +132,25 @@ def test_predict_and_serve_give_the_same_probabilities_on_every_backend(fresh_ru
     response = client.post("/v1/classify", json={"model": "topics", "texts": [first_text]}).json()["results"][0]
     assert list(response["probabilities"].values()) == pytest.approx(
         list(outputs["openvino"][0]["probabilities"].values()), abs=1e-6)
+
+
+def test_the_export_command_refuses_with_one_line_and_exit_2(fresh_run, monkeypatch, capsys):
+    import sys
+
+    from newstune.cli import main
+
+    real = newstune.backend_export.export_scorer
+
+    def constant(*args, **kwargs) -> Scorer:  # a model that says the same class for every text
+        scorer = real(*args, **kwargs)
+        scorer.forward = lambda ids, mask: np.tile(np.asarray([[5.0, 0.0, 0.0]], np.float32), (len(ids), 1))
+        return scorer
+
+    monkeypatch.setattr(newstune.backend_export, "export_scorer", constant)
+    monkeypatch.setattr(sys, "argv", ["newstune", "export", str(fresh_run), "--backend", "openvino"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: openvino fp32 export refused: validation macro-F1 ")
+    assert not export_dir(fresh_run, "openvino", "fp32").exists()
