@@ -267,7 +267,6 @@ def test_train_with_two_ray_workers_matches_a_local_run(tiny_models, tiny_data, 
     ray_dir, on_ray = train_on_ray(validate(config), tmp_path / "ray", workers=2)
     assert ray_dir == (tmp_path / "ray").resolve()
     assert on_ray["efficiency"]["num_processes"] == 2 and local["efficiency"]["num_processes"] == 1
-    assert json.loads((ray_dir / "metrics.json").read_text())["test"] == on_ray["test"]
     assert sorted(p.name for p in ray_dir.iterdir()) == sorted(p.name for p in local_dir.iterdir())
     assert on_ray["efficiency"]["optimizer_steps"] == local["efficiency"]["optimizer_steps"]
     assert abs(on_ray["test"]["accuracy"] - local["test"]["accuracy"]) <= 0.05

@@ -70,3 +70,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
 
 def cluster_cpus(ray: ModuleType) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def check_workers(ray: ModuleType, workers: int, cpus_each: int = 1) -> None:
+    available = cluster_cpus(ray)
+    if workers < 1 or workers * cpus_each > available:
+        raise NewstuneError(f"--workers {workers} needs {workers * cpus_each} CPUs but the Ray cluster has "
+                            f"{available}; give --workers {max(1, available // cpus_each)} or fewer")
+
+
+def root_cause(err: BaseException) -> str:
+    """The message of a NewstuneError raised inside a worker, else the last line of what Ray reports."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "NewstuneError:" in line:
+            return line.split("NewstuneError:", 1)[1].strip()
+    return lines[-1] if lines else type(err).__name__
+

@@ -22,9 +22,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from newstune.data.files import JsonlRow
-from newstune.errors import NewstuneError
+from newstune.errors import Interrupted, NewstuneError
 from newstune.predict import CHUNK_ROWS, OutputWriter, _predict_chunks, file_kind, read_chunks
-from newstune.ray_cluster import cluster_cpus, ray_session
+from newstune.ray_cluster import check_workers, cluster_cpus, ray_session, root_cause
 from newstune.run import LoadedRun, load_run, require_run
 
 MANIFEST = "_newstune_predict.json"
@@ -203,6 +203,7 @@ def _run_pieces(todo: list[Piece], run_dir: Path, out_dir: Path, batch_size: int
                 address: str | None, backend: str | None, counts: dict) -> None:
     with ray_session(address) as ray:
         workers = workers or cluster_cpus(ray)
+        check_workers(ray, workers)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -212,13 +213,26 @@ def _run_pieces(todo: list[Piece], run_dir: Path, out_dir: Path, batch_size: int
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo)), max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs=dict(run_dir=str(run_dir), out_dir=str(out_dir), batch_size=batch_size, threads=1,
                                        backend=backend))
-        with tqdm(total=sum(p.rows for p in todo), desc=f"predict on ray ({workers} workers)", unit="rows") as bar:
-            for summary in scored.iter_rows():
-                for line in json.loads(summary["bad"]):
-                    tqdm.write(line, file=sys.stderr)
-                for key in ("rows", "predicted", "errors"):
-                    counts[key] += int(summary[key])
-                bar.update(int(summary["rows"]))
+        try:
+            _collect(scored, sum(p.rows for p in todo), workers, counts)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {counts['rows']} rows are in complete shards in {out_dir}. Rerun the "
+                              "same command to finish the rest") from None
+        except Exception as err:
+            if "NewstuneError" not in str(err):
+                raise
+            raise NewstuneError(root_cause(err)) from None
+
+
+def _collect(scored, total: int, workers: int, counts: dict) -> None:
+    """Adds up the shards' summaries as they finish; shows their bad rows as local predict does."""
+    with tqdm(total=total, desc=f"predict on ray ({workers} workers)", unit="rows") as bar:
+        for summary in scored.iter_rows():
+            for line in json.loads(summary["bad"]):
+                tqdm.write(line, file=sys.stderr)
+            for key in ("rows", "predicted", "errors"):
+                counts[key] += int(summary[key])
+            bar.update(int(summary["rows"]))
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from newstune.ray_cluster import cluster_cpus, ray_session
+from newstune.ray_cluster import check_workers, cluster_cpus, ray_session
 
 TrainFn = Callable[[Path, list[str], Path, Path], bool]  # (recipe, overrides, run dir, log file) -> trained
 
@@ -38,4 +38,6 @@ def ray_trials(current_train: Callable[[], TrainFn], address: str | None, worker
                 (run_dir / "FAILED").write_text(f"Ray task failed: {reason[:280]}\n")
                 return False
 
-        yield train, workers or max(1, cluster_cpus(ray) // cpus_per_trial)
+        workers = workers or max(1, cluster_cpus(ray) // cpus_per_trial)
+        check_workers(ray, workers, cpus_per_trial)
+        yield train, workers
