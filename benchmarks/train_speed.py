@@ -1,19 +1,27 @@
 """newstune vs Hugging Face Trainer + PEFT on identical LoRA work, alternating contenders in one run.
 
-    python benchmarks/train_speed.py --mode quick     # MiniLM, 2,000 AG News rows, ~15 minutes on 2 cores
-    python benchmarks/train_speed.py --mode full      # MPNet-base, 1,000 rows (newstune models install mpnet), ~25 min
+    python benchmarks/train_speed.py --mode quick     # MiniLM, 2,000 AG News rows, 5 seeds, ~25 minutes on 2 cores
+    python benchmarks/train_speed.py --mode full      # MPNet-base, 1,000 rows (newstune models install mpnet)
 
-Contenders: hf-seed, hf-expert, newstune (identical work), and newstune-cached (LoRA only in the top layers with the
+Contenders: hf-seed (the Trainer as a notebook uses it: pad to max_length, random batches), hf-expert (dynamic
+padding, group_by_length), newstune (identical work), and newstune-cached (LoRA only in the top layers with the
 frozen lower layers cached: different work, reported beside the others). Each trains in its own subprocess (so peak
-RSS is its own), in rounds A B C D / D C B A; round i uses seed 42 + i for every contender. Reports the median wall
-time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 averaged over the seeds, eval samples/s, and
-MFU = analytic FLOPs of the work done / the bf16 matmul peak measured in the same run.
+RSS is its own, and newstune's tokenization cache starts empty), in rounds A B C D / D C B A; round i seeds every
+contender with 42 + i *before* its model is created (HF's LoRA and head initialisation included).
+
+The same timing boundary for every contender: wall time from raw texts to a trained model in memory -- tokenizer and
+model loading, tokenization, LoRA wrapping, trainer/optimizer setup, the training loop and one checkpoint per epoch
+included; evaluation excluded (timed apart). The same precision for every contender: the machine's native one
+(`precision: auto` -- bf16 on CPUs with avx512_bf16/AMX, fp32 otherwise), printed with the CPU.
+Reports median wall time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 as mean and standard deviation
+over the seeds, eval samples/s, and MFU = analytic FLOPs / the matmul peak measured in the same run and precision.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,10 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, machine, markdown_table, write_results  # noqa: E402
+import torch  # noqa: E402
+from common import SHARED_DATA, cpu_line, machine, markdown_table, write_results  # noqa: E402
 
 from newstune.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
-from newstune.train import peak_rss_mb  # noqa: E402
+from newstune.train import peak_rss_mb, resolve_precision  # noqa: E402
 
 MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000, "top_layers": 2},
          "full": {"model": "mpnet", "rows": 1000, "eval_rows": 500, "top_layers": 4}}
@@ -46,7 +55,7 @@ def load_rows(rows: int, eval_rows: int):
 # ---------------------------------------------------------------- contenders (each runs in a subprocess)
 
 
-def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int) -> dict:
+def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precision: str) -> dict:
     import numpy as np
     import torch
     from datasets import Dataset
@@ -58,11 +67,14 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int) -> dict:
         DataCollatorWithPadding,
         Trainer,
         TrainingArguments,
+        set_seed,
     )
 
     from newstune.config import LoraSettings
     from newstune.model import target_modules
 
+    start = time.perf_counter()
+    set_seed(seed)  # before the head and the LoRA matrices are created, as newstune does
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names))
     targets = target_modules(model, LoraSettings(target_modules="qv"))
@@ -80,12 +92,12 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int) -> dict:
     args = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=HYPER["batch_size"], per_device_eval_batch_size=64,
         learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], lr_scheduler_type="cosine",
-        num_train_epochs=HYPER["epochs"], bf16=True, use_cpu=True, save_strategy="no", report_to=[],
+        num_train_epochs=HYPER["epochs"], bf16=precision == "bf16", use_cpu=True, save_strategy="epoch",
+        save_only_model=True, report_to=[],
         logging_steps=50, seed=seed, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if expert else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                       data_collator=DataCollatorWithPadding(tokenizer) if expert else None)
-    start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -106,13 +118,14 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int) -> dict:
             "predicted_counts": predicted, "model_config": model.config.to_dict()}
 
 
-def run_newstune(model_name: str, bundle, out: Path, seed: int, top_layers: int | None = None) -> dict:
+def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, top_layers: int | None = None) -> dict:
     """newstune's defaults; with top_layers, LoRA only there and the frozen lower layers cached (other work)."""
     from transformers import AutoConfig
 
     from newstune.config import validate
     from newstune.model import load_tokenizer
-    from newstune.train import train
+    from newstune.run import create_run_dir, write_run_header
+    from newstune.train import Trainer, logging_to
     from newstune.weights import resolve_model_path
 
     config = validate({
@@ -121,16 +134,24 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, top_layers: int 
         "lora": {"method": "lora", "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                  "target_modules": LORA["targets"], "top_layers": top_layers},
         "train": {"epochs": HYPER["epochs"], "batch_size": HYPER["batch_size"], "lr": HYPER["lr"],
-                  "weight_decay": HYPER["weight_decay"], "scheduler": "cosine", "precision": "bf16",
+                  "weight_decay": HYPER["weight_decay"], "scheduler": "cosine", "precision": precision,
                   "seed": seed, "eval_every_epoch": False, "warmup_ratio": 0.0,
                   "cache_frozen_layers": top_layers is not None},
         "eval": {"latency_samples": 0}})
-    run_dir, metrics = train(config, out / "newstune", bundle=bundle)
+    start = time.perf_counter()  # the same boundary as run_hf: texts in, trained model out, evaluation apart
+    trainer = Trainer(config, None)
+    trainer.setup(bundle)
+    trainer.run_dir = create_run_dir(out / "newstune")
+    write_run_header(trainer.run_dir, config, trainer.label_names)
+    with logging_to(trainer.run_dir):
+        trainer.fit()
+        seconds = time.perf_counter() - start
+        metrics = trainer.finish()
     eff = metrics["efficiency"]
     tokenizer = load_tokenizer(resolve_model_path(model_name))
     lengths = [len(ids) for ids in tokenizer(bundle.splits["train"].texts, truncation=True,
                                               max_length=HYPER["max_length"])["input_ids"]]
-    return {"train_seconds": eff["train_seconds"], "tokens": sum(lengths),
+    return {"train_seconds": seconds, "loop_seconds": eff["train_seconds"], "tokens": sum(lengths),
             "computed_tokens": int(sum(lengths) / max(1 - eff["padding_fraction"], 1e-9)),
             "samples": len(lengths), "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
             "eval_samples_per_s": eff["eval_samples_per_s"], "lengths": lengths,
@@ -144,15 +165,18 @@ def contender_main(args: argparse.Namespace) -> None:
 
     mode = MODES[args.mode]
     bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])
+    precision = resolve_precision("auto", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["NEWSTUNE_CACHE"] = str(Path(tmp) / "cache")  # no tokenization cache from an earlier round
         if args.contender.startswith("newstune"):
             top = mode["top_layers"] if args.contender == "newstune-cached" else None
-            result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, top)
+            result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, precision, top)
         else:
             result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp),
-                            args.seed)
+                            args.seed, precision)
     result["peak_rss_mb"] = peak_rss_mb()
     result["seed"] = args.seed
+    result["precision"] = precision
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -172,7 +196,9 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
             "padding_fraction": 1 - first["tokens"] / max(first["computed_tokens"], 1),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "accuracy": statistics.mean(r["accuracy"] for r in runs),
+            "accuracy_std": statistics.stdev(r["accuracy"] for r in runs) if len(runs) > 1 else 0.0,
             "macro_f1": statistics.mean(r["macro_f1"] for r in runs),
+            "macro_f1_std": statistics.stdev(r["macro_f1"] for r in runs) if len(runs) > 1 else 0.0,
             "accuracy_by_seed": {r["seed"]: r["accuracy"] for r in runs},
             "predicted_counts": [r["predicted_counts"] for r in runs],
             "eval_samples_per_s": statistics.median(r["eval_samples_per_s"] for r in runs),
@@ -185,7 +211,9 @@ def driver_main(args: argparse.Namespace) -> None:
     # Round i trains every contender with seed 42 + i: accuracies are means over seeds (one short epoch is noisy).
     order = [(c, HYPER["seed"] + i) for i in range(args.repeats)
              for c in (contenders if i % 2 == 0 else contenders[::-1])]
-    peak_before = matmul_peak_tflops()
+    precision = resolve_precision("auto", "cpu")
+    peak_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    peak_before = matmul_peak_tflops(peak_dtype)
     results: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (contender, seed) in enumerate(order):
@@ -195,7 +223,7 @@ def driver_main(args: argparse.Namespace) -> None:
             print(f"[{i + 1}/{len(order)}] {contender} seed {seed}", flush=True)
             subprocess.run(command, check=True)
             results[contender].append(json.loads(result_file.read_text()))
-    peak = max(peak_before, matmul_peak_tflops())
+    peak = max(peak_before, matmul_peak_tflops(peak_dtype))
     rows = [summarise(c, results[c], peak) for c in contenders]
     by_name = {r["contender"]: r for r in rows}
     ours, cached = by_name["newstune"], by_name["newstune-cached"]
@@ -209,22 +237,32 @@ def driver_main(args: argparse.Namespace) -> None:
     table = markdown_table(rows, [("contender", "contender"), ("train_seconds", "train s"),
                                   ("tokens_per_s", "tokens/s (non-pad)"), ("samples_per_s", "samples/s"),
                                   ("padding_fraction", "padding"), ("peak_rss_mb", "peak RSS MB"),
-                                  ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
-                                  ("eval_samples_per_s", "eval samples/s"), ("mfu", "MFU (bf16)")])
+                                  ("accuracy", "accuracy (mean)"), ("accuracy_std", "accuracy (std)"),
+                                  ("macro_f1", "macro-F1 (mean)"), ("macro_f1_std", "macro-F1 (std)"),
+                                  ("eval_samples_per_s", "eval samples/s"), ("mfu", f"MFU ({precision})")])
     table += "\n\n" + " | ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
-    table += f"\n\nbf16 matmul peak measured in this run: {peak:.2f} TFLOP/s"
+    table += f"\n\n{cpu_line()}; every contender in {precision}; {precision} matmul peak measured in this run: " \
+             f"{peak:.2f} TFLOP/s; {args.repeats} seeds"
+    spread = max(ours["accuracy_std"], expert["accuracy_std"])
+    table += (f"\n\naccuracy newstune {ours['accuracy']:.4f} vs hf-expert {expert['accuracy']:.4f}: "
+              f"{'equal' if abs(ours['accuracy'] - expert['accuracy']) <= spread else 'NOT equal'} within one "
+              f"spread ({spread:.4f})")
     table += "\n\naccuracy by seed: " + "; ".join(
         f"{r['contender']} " + ", ".join(f"{s}: {a:.3f}" for s, a in r["accuracy_by_seed"].items()) for r in rows)
     write_results(Path(args.out), f"train_speed_{args.mode}", {"machine": machine(), "mode": args.mode,
                   "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
-                  "order": order}, table)
+                  "order": order, "precision": precision, "cpu": cpu_line()}, table)
+    print(cpu_line())
+    print(f"precision: {precision}")
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=list(MODES), default="quick")
     parser.add_argument("--rows", type=int, default=None, help="training rows (default by mode)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of A B C / C B A")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of A B C D / D C B A, one seed each")
     parser.add_argument("--out", default="bench_results")
     parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
