@@ -9,6 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from newstune import decisions
 from newstune.infer import predict_logits
 from newstune.predict import predict_file
 from newstune.run import load_run
@@ -36,8 +37,8 @@ def test_models_show_names_not_server_paths(tiny_models, tmp_path):
     app = create_app({"topics": make_served(tiny_models["bert"], LABELS, run_dir=run_dir)})
     with TestClient(app) as client:
         response = client.get("/v1/models")
-    assert response.json() == [{"name": "topics", "labels": LABELS, "threshold": None, "base_model": "bert",
-                                "run": "topics-2026"}]
+    assert response.json() == [{"name": "topics", "labels": LABELS, "threshold": None, "multi_label": False,
+                                "base_model": "bert", "run": "topics-2026", "backend": "torch-fp32"}]
     assert str(tmp_path) not in response.text and str(tiny_models["bert"]) not in response.text
 
 
@@ -176,5 +177,7 @@ def test_serve_cleans_texts_as_predict_does(runs, tmp_path):  # noqa: F811
     with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
         served = client.post("/v1/classify", json={"model": "topics", "texts": [text]}).json()["results"][0]
     assert served["probabilities"] == predicted
-    raw = predict_logits(run.model, run.tokenizer([text])["input_ids"], 0, precision=run.precision).softmax(1)[0]
+    raw = decisions.probabilities(
+        predict_logits(run.model, run.tokenizer([text])["input_ids"], 0, precision=run.precision).numpy(),
+        run.decision)[0]
     assert [round(float(p), 6) for p in raw] != list(predicted.values())  # the cleaning matters for this text

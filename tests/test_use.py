@@ -8,9 +8,9 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForSequenceClassification
 
+from newstune import decisions
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.evaluate import decide, softmax
 from newstune.export import export_merged
 from newstune.infer import predict_logits
 from newstune.predict import predict_file
@@ -178,10 +178,11 @@ def test_service_shares_one_base_and_switches_adapters(runs):
             assert got == [r["label"] for r in served[name].classify(texts)]
             run = load_run(served[name].run_dir)
             ids = run.tokenizer(texts)["input_ids"]
-            probs = softmax(predict_logits(run.model, ids, 0, precision=run.precision).numpy().astype(np.float64))
-            # the binary run decides with its tuned threshold, the topic run by argmax
+            probs = decisions.probabilities(predict_logits(run.model, ids, 0, precision=run.precision).numpy(),
+                                            run.decision)
+            # the binary run decides with its tuned threshold (on calibrated probabilities), the topic run by argmax
             assert (run.threshold is not None) == (name == "binary")
-            assert got == [run.label_names[i] for i in decide(probs, run.threshold)]
+            assert got == [run.label_names[i] for i in decisions.labels(probs, run.decision)]
         assert len(client.post("/v1/classify", json={"model": "binary", "texts": texts}).json()["results"][0][
             "probabilities"]) == 2
 
