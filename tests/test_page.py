@@ -111,3 +111,30 @@ def test_page_shows_names_as_text_and_runs_no_script_in_them(tiny_models):
         assert page.locator("#label").inner_text() in PAYLOAD_LABELS
         assert sorted(page.locator(".row .name").all_inner_texts()) == sorted(PAYLOAD_LABELS)
         browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_page_shows_a_multi_label_answer_as_its_label_set(tiny_models):
+    from newstune.decisions import Decision
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    served = make_served(tiny_models["bert"], PAYLOAD_LABELS, name="tags")
+    # thresholds that put the first two labels on and the third off whatever the probabilities
+    served.decision = Decision(multi_label=True, label_thresholds=[0.0, 0.0, 1.01])
+    with live(create_app({"tags": served})) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#model option", state="attached")
+        page.fill("#text", "goal match team")
+        page.click("#go")
+        page.wait_for_selector("#label")
+        page.wait_for_load_state("networkidle")
+        api = httpx.post(url + "/v1/classify", json={"model": "tags", "texts": ["goal match team"]}).json()
+        assert api["results"][0]["labels"] == PAYLOAD_LABELS[:2]
+        assert page.locator("#label").inner_text() == ", ".join(PAYLOAD_LABELS[:2])
+        assert sorted(page.locator(".row.top .name").all_inner_texts()) == sorted(PAYLOAD_LABELS[:2])
+        assert page.locator(".bar").count() == 3
+        assert page.evaluate("window.pwned") is None
+        browser.close()
