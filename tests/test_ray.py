@@ -87,6 +87,7 @@ def test_ray_not_installed_is_one_line_naming_the_extra(monkeypatch, topic_run, 
     with pytest.raises(NewstuneError, match=r"^--engine ray needs Ray, which is not installed; "
                                             r"pip install 'newstune\[ray\]'$"):
         predict_files(topic_run, str(tmp_path / "*.jsonl"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_local_paths_import_without_ray():

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from newstune.data.files import JsonlRow
 from newstune.errors import Interrupted, NewstuneError
 from newstune.predict import CHUNK_ROWS, OutputWriter, _predict_chunks, file_kind, read_chunks
-from newstune.ray_cluster import check_workers, cluster_cpus, ray_session, root_cause
+from newstune.ray_cluster import check_workers, cluster_cpus, ray_session, require_ray, root_cause
 from newstune.run import LoadedRun, load_run, require_run
 
 MANIFEST = "_newstune_predict.json"
@@ -182,6 +182,7 @@ def predict_files(run_dir: Path, pattern: str, out_dir: Path, batch_size: int = 
     """Scores every file matching `pattern` into shards in out_dir on a Ray cluster; resumes an earlier run."""
     if shard_rows < 1:
         raise NewstuneError(f"--shard-rows {shard_rows}: give a positive number of rows")
+    require_ray()  # before any output folder exists
     run_dir = require_run(Path(run_dir)).resolve()
     inputs = expand_inputs(pattern)
     out_dir = out_dir.resolve()

@@ -131,6 +131,10 @@ def sweep(recipe: Path, overrides: list[str], grid_items: list[str], out_dir: Pa
         raise NewstuneError("a sweep needs at least one --grid key=v1,v2,...")
     metric = metric or base.train.metric
     out_dir = out_dir or base.output_dir / f"sweep-{base.name}"
+    if engine == "ray":
+        from newstune.ray_cluster import require_ray
+
+        require_ray()  # before the sweep folder exists
     if out_dir.exists() and not resume and storage is None:  # with --storage, machines join one study
         raise NewstuneError(f"sweep folder {out_dir} exists; add --resume to continue it or choose --output-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
