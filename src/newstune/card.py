@@ -66,11 +66,13 @@ def intended_use(config: RunConfig, decision: Decision) -> list[str]:
             else f"class 1 when its probability reaches {decision.threshold:.2f} (tuned on validation)"
             if decision.threshold is not None else "the argmax after per-class offsets (tuned on validation)"
             if decision.class_bias else "the most probable class")
+    purpose = PURPOSE.get(config.data.name, PURPOSE["files"])
+    calibrated = ("Probabilities are not calibrated (eval.calibration: none)." if decision.calibration == "none" else
+                  f"Probabilities are calibrated on the validation split ({decision.calibration} scaling), so they are "
+                  "meant to be read as probabilities on data like the training data.")
     return ["## Intended use", "",
-            f"{PURPOSE.get(config.data.name, PURPOSE['files']).capitalize()}. Trained with newstune; the label is "
-            f"{rule}. Probabilities are temperature-scaled on the validation split "
-            f"({decision.calibration}), so they are meant to be read as probabilities on data like the training "
-            "data. Not for decisions about people without human review.", "",
+            f"{purpose[0].upper()}{purpose[1:]}. Trained with newstune; the label is {rule}. {calibrated} "
+            "Not for decisions about people without human review.", "",
             "```bash", "newstune predict RUN --input texts.jsonl --output labels.jsonl", "newstune serve name=RUN",
             "```", ""]
 
