@@ -227,7 +227,8 @@ class Trainer:
         cfg = self.config.train
         train = EncodedDataset(self.encoded["train"], self.bundle.splits["train"].labels,
                                with_index=cfg.cache_frozen_layers)
-        sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        sampler = self.batch_sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed,
+                                                                 cfg.group_by_length)
         return DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
                           num_workers=cfg.num_workers)
 
@@ -395,6 +396,9 @@ class Trainer:
         if skip:
             loader = self.accelerator.skip_first_batches(loader, skip)
         loader.set_epoch(self.state.epoch)  # the batch order depends only on (seed, epoch)
+        # accelerate's multi-process shard of the batch sampler does not pass set_epoch on: every epoch had epoch 0's
+        # batch order there
+        self.batch_sampler.set_epoch(self.state.epoch)
         if self.state.step_in_epoch == 0:
             self.state.epoch_started_at = self.state.train_seconds
         # Loss and token counts add up on the device; .item() or int() every micro-step would make the host wait
