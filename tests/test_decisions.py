@@ -330,3 +330,19 @@ def test_multi_label_calibration_scores_every_label():
     probs = np.array([[0.9, 0.2], [0.1, 0.7]])
     scores = calibration_scores(truth, probs, Decision(multi_label=True))
     assert scores["brier"] == pytest.approx(np.mean((probs - truth) ** 2))
+
+
+def test_vector_scaling_offsets_undo_a_prior_shift_that_a_temperature_cannot():
+    """Class weights shift a binary model's logits toward the rare class: an offset fixes it, a temperature not."""
+    from newstune.calibration import fit_scaling
+
+    rng = np.random.default_rng(1)
+    margin = rng.normal(0, 2, 4000)
+    labels = (rng.uniform(size=4000) < 1 / (1 + np.exp(-margin))).astype(int)
+    logits = np.stack([np.zeros(4000), margin + 1.5], axis=1)  # calibrated, then shifted by +1.5
+    temperature = fit_temperature(logits, labels)
+    vector_t, offsets = fit_scaling(logits, labels, per_class=True, offsets=True)
+    vector = Decision(temperature=vector_t, logit_bias=offsets)
+    assert (offsets[1] - offsets[0]) == pytest.approx(-1.5, abs=0.25)
+    assert nll(logits, labels, vector) < nll(logits, labels, Decision(temperature=temperature)) - 0.01
+    assert Decision.from_dict(vector.to_dict()) == vector

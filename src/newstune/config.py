@@ -159,7 +159,8 @@ class EvalSettings(_Section):
     tune_threshold: bool = Field(True, description="Binary tasks: tune the decision threshold on validation; "
                                  "multi-label: one threshold per label.")
     calibration: Literal["none", "temperature", "vector"] = Field(
-        "temperature", description="Fit on validation after training: one temperature, or one per class (vector).")
+        "temperature", description="Fit on validation after training: one temperature, or a temperature and an "
+        "offset per class (vector scaling).")
     tune_class_bias: bool = Field(False, description="Multi-class: per-class offsets on the log-probabilities "
                                   "tuned on validation for macro-F1.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")

@@ -23,6 +23,7 @@ class Decision:
     multi_label: bool = False  # sigmoid per label instead of a softmax over classes
     label_thresholds: list[float] | None = None  # multi-label: a label is on when its probability reaches its own
     calibration: str = "none"  # how the temperature was fitted: none, temperature or vector
+    logit_bias: list[float] | None = None  # vector scaling: added to logits / temperature
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +40,7 @@ class Decision:
     def uncalibrated(self) -> Decision:
         """The same rule on the raw logits (temperature 1), for before/after calibration figures."""
         return Decision(threshold=self.threshold, class_bias=self.class_bias, multi_label=self.multi_label,
-                        label_thresholds=self.label_thresholds)
+                        label_thresholds=self.label_thresholds)  # no temperature, no logit_bias
 
 
 def as_decision(decision: Decision | float | None) -> Decision:
@@ -48,9 +49,11 @@ def as_decision(decision: Decision | float | None) -> Decision:
 
 
 def probabilities(logits: np.ndarray, decision: Decision | None = None) -> np.ndarray:
-    """Softmax over classes (or a sigmoid per label) of the logits divided by the temperature, in float64."""
+    """Softmax over classes (or a sigmoid per label) of logits / temperature (+ logit_bias), in float64."""
     decision = as_decision(decision)
     scaled = np.asarray(logits, dtype=np.float64) / np.asarray(decision.temperature, dtype=np.float64)
+    if decision.logit_bias is not None:
+        scaled = scaled + np.asarray(decision.logit_bias)
     if decision.multi_label:
         return 1.0 / (1.0 + np.exp(-scaled))
     shifted = scaled - scaled.max(axis=1, keepdims=True)

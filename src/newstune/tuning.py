@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 from sklearn.metrics import f1_score
 
-from newstune.calibration import fit_temperature
+from newstune.calibration import fit_scaling
 from newstune.config import EvalSettings
 from newstune.decisions import Decision, labels, probabilities
 from newstune.evaluate import THRESHOLD_GRID, tune_threshold
@@ -21,9 +21,12 @@ def fit_decision(truth: np.ndarray, logits: np.ndarray, settings: EvalSettings, 
     per-class biases (eval.tune_class_bias), each tuned for macro-F1 on the calibrated probabilities."""
     truth, logits = np.asarray(truth), np.asarray(logits, dtype=np.float64)
     temperature: float | list[float] = 1.0
+    offsets = None
     if settings.calibration != "none":
-        temperature = fit_temperature(logits, truth, multi_label, per_class=settings.calibration == "vector")
-    decision = Decision(temperature=temperature, multi_label=multi_label, calibration=settings.calibration)
+        vector = settings.calibration == "vector"
+        temperature, offsets = fit_scaling(logits, truth, multi_label, per_class=vector, offsets=vector)
+    decision = Decision(temperature=temperature, multi_label=multi_label, calibration=settings.calibration,
+                        logit_bias=offsets)
     probs = probabilities(logits, decision)
     if multi_label and settings.tune_threshold:
         return replace(decision, label_thresholds=tune_label_thresholds(truth, probs))
