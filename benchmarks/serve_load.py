@@ -56,10 +56,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--backend", default="auto", help="the server's --backend")
     parser.add_argument("--max-wait-ms", default="4", help="the server's --max-wait-ms")
+    parser.add_argument("--workers", default="1", help="the server's --workers")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts
-    server_args = ("--backend", args.backend, "--max-wait-ms", args.max_wait_ms, "--quiet")
+    server_args = ("--backend", args.backend, "--max-wait-ms", args.max_wait_ms, "--workers", args.workers, "--quiet")
     with served([f"topics={args.run}"], server_args) as base:
         import httpx
 
@@ -69,7 +70,8 @@ def main() -> None:
                                   ("requests_per_s", "requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                                   ("errors", "errors")])
     write_results(Path(args.out), "serve_load", {"machine": machine(), "cpu": cpu_line(), "run": str(args.run),
-                                                  "backend": backend, "max_wait_ms": args.max_wait_ms, "rows": rows},
+                                                  "backend": backend, "max_wait_ms": args.max_wait_ms,
+                                                  "workers": args.workers, "rows": rows},
                   f"{table}\n\nserver backend: {backend}; single-text requests cycling over {len(texts):,} texts.")
     at_1, at_32 = rows[0], rows[-1]
     print(cpu_line())

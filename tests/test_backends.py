@@ -154,3 +154,21 @@ def test_the_export_command_refuses_with_one_line_and_exit_2(fresh_run, monkeypa
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: openvino fp32 export refused: validation macro-F1 ")
     assert not export_dir(fresh_run, "openvino", "fp32").exists()
+
+
+def test_a_serve_worker_process_builds_its_app_from_the_environment(run_dir, monkeypatch):
+    import torch
+
+    from newstune.serve import WORKER_OPTIONS, app_from_env
+
+    monkeypatch.setenv(WORKER_OPTIONS, json.dumps({"specs": [f"topics={run_dir}"], "backend": "torch", "threads": 1,
+                                                   "max_wait_ms": 0, "max_queue": 3}))
+    threads = torch.get_num_threads()
+    try:
+        client = TestClient(app_from_env())
+        assert torch.get_num_threads() == 1  # its share of the cores, not all of them
+    finally:
+        torch.set_num_threads(threads)
+    assert [m["name"] for m in client.get("/v1/models").json()] == ["topics"]
+    response = client.post("/v1/classify", json={"model": "topics", "texts": ["goal match team"]})
+    assert response.status_code == 200 and response.json()["results"][0]["label"] in ("business", "science", "sports")

@@ -67,8 +67,10 @@ def onnx_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
 
 def openvino_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
     ov = require("openvino")
-    # LATENCY: one stream using every core, which serves one batch at a time as predict and serve send them.
-    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    # LATENCY: one stream, which serves one batch at a time as predict and serve send them; threads as torch's
+    # (a `serve --workers N` process sets its share of the cores there).
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     request = compiled.create_infer_request()
     if precision == "fp32" and compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16:
         precision = "bf16"  # OpenVINO computes an fp32 model in bf16 on CPUs that have it natively

@@ -196,11 +196,13 @@ def serve(
     quiet: Annotated[bool, typer.Option("--quiet", help="No access log, warnings only.")] = False,
     max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 4.0,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; one more gets 503 + Retry-After.")] = 256,
+    workers: Annotated[int, typer.Option(help="Server processes, each with its own models and share of the "
+                                              "cores.")] = 1,
 ) -> None:
     """Serve runs over HTTP: POST /v1/classify, GET /v1/models, /health, /docs, and a page at /."""
     from newstune.serve import serve as run_server
 
-    run_server(runs, host, port, backend, quiet, max_wait_ms, max_queue)
+    run_server(runs, host, port, backend, quiet, max_wait_ms, max_queue, workers)
 
 
 @app.command()

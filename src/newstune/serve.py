@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from newstune.backends import Scorer
 from newstune.config import CleanConfig
 from newstune.data.text import clean_text
 from newstune.decisions import Decision
+from newstune.errors import NewstuneError
 from newstune.guard import VISIBLE, BodyLimit, Detail, Problems, has_visible, validation_error
 from newstune.run import load_run, read_metrics
 
@@ -286,12 +289,33 @@ def _name_models_in_schema(app: FastAPI, names: list[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+WORKER_OPTIONS = "NEWSTUNE_SERVE_OPTIONS"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one `serve --workers N` process: its own copy of the models and its share of the cores."""
+    options = json.loads(os.environ[WORKER_OPTIONS])
+    torch.set_num_threads(options["threads"])
+    served = load_served(options["specs"], options["backend"])
+    return create_app(served, options["max_wait_ms"], options["max_queue"])
+
+
 def serve(specs: list[str], host: str, port: int, backend: str = "auto", quiet: bool = False,
-          max_wait_ms: float = 4.0, max_queue: int = 256) -> None:
+          max_wait_ms: float = 4.0, max_queue: int = 256, workers: int = 1) -> None:
     import uvicorn
 
-    served = load_served(specs, backend)
+    if workers < 1:
+        raise NewstuneError(f"--workers {workers}: give 1 or more server processes")
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    served = load_served(specs, backend)  # in this process first: a bad spec fails here, once, with one line
     for model in served.values():
-        print(f"{model.name}: backend {model.scorer.name}", flush=True)
-    uvicorn.run(create_app(served, max_wait_ms, max_queue), host=host, port=port,
-                log_level="warning" if quiet else "info", access_log=not quiet)
+        print(f"{model.name}: backend {model.scorer.name}, {workers} worker(s) x {torch.get_num_threads()} "
+              "thread(s)", flush=True)
+    logging = {"host": host, "port": port, "log_level": "warning" if quiet else "info", "access_log": not quiet}
+    if workers == 1:
+        uvicorn.run(create_app(served, max_wait_ms, max_queue), **logging)
+        return
+    del served
+    os.environ[WORKER_OPTIONS] = json.dumps({"specs": specs, "backend": backend, "threads": torch.get_num_threads(),
+                                             "max_wait_ms": max_wait_ms, "max_queue": max_queue})
+    uvicorn.run("newstune.serve:app_from_env", factory=True, workers=workers, **logging)
