@@ -121,7 +121,8 @@ def main() -> None:
     best = max(eligible, key=lambda r: r["samples_per_s"])
     write_results(Path(args.out), "predict_speed", {"machine": machine(), "cpu": cpu_line(), "run": str(args.run),
                                                      "texts": len(texts), "auto_backend": auto, "rows": rows},
-                  f"{table}\n\n{len(texts):,} AG News test texts; `--backend auto` picks {auto} on this machine.")
+                  f"{table}\n\n{len(texts):,} AG News test texts; `--backend auto` picks {auto} on this machine.\n"
+                  f"{cpu_line()}")
     print(cpu_line())
     print(f"model: {run.config.model.name}")
     print(f"best: {best['backend']}")

@@ -72,7 +72,8 @@ def main() -> None:
     write_results(Path(args.out), "serve_load", {"machine": machine(), "cpu": cpu_line(), "run": str(args.run),
                                                   "backend": backend, "max_wait_ms": args.max_wait_ms,
                                                   "workers": args.workers, "rows": rows},
-                  f"{table}\n\nserver backend: {backend}; single-text requests cycling over {len(texts):,} texts.")
+                  f"{table}\n\nserver backend: {backend}; single-text requests cycling over {len(texts):,} texts."
+                  f"\n{cpu_line()}")
     at_1, at_32 = rows[0], rows[-1]
     print(cpu_line())
     print(f"backend: {backend}")
