@@ -10,9 +10,7 @@ dynamic int8 for ONNX Runtime (weights int8, activations quantized per batch).
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from newstune.evaluate import classification_metrics
 from newstune.model import merge_lora
 from newstune.paths import cache_dir
 from newstune.run import LoadedRun, export_dir, load_run
+from newstune.staging import staged_folder
 from newstune.tables import markdown_table
 
 CHECKS_FILE = "export_checks.json"
@@ -48,10 +47,7 @@ def export_backend(run_dir: Path, backend: str, int8: bool = False, data_dir: Pa
     run = load_run(run_dir)
     data = run.config.data if data_dir is None else run.config.data.model_copy(update={"dir": data_dir})
     bundle = load_dataset(data, run.config.train.seed)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # only ever a leftover partial export of this same name
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(target, f"delete it to export {backend} {precision} again") as staging:
         plain = merge_lora(load_run(run_dir, as_trained=False).model).eval()
         calibration = _calibration_ids(run, bundle.splits["train"].texts) if int8 else []
         convert = _to_onnx if backend == "onnx" else _to_openvino
@@ -63,11 +59,6 @@ def export_backend(run_dir: Path, backend: str, int8: bool = False, data_dir: Pa
         if not checks["passed"] and not force:
             raise NewstuneError(f"{backend} {precision} export refused: {checks['failure']}; nothing was written "
                                 "(--force keeps it, and predict/serve still never pick it)")
-        if target.exists():
-            raise NewstuneError(f"{target} appeared while exporting; delete it and export again")
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return checks
 
 

@@ -7,8 +7,6 @@ The export is built in a temporary folder next to the target and renamed only wh
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from newstune.evaluate import softmax
 from newstune.infer import predict_logits
 from newstune.model import merge_lora
 from newstune.run import load_run
+from newstune.staging import staged_folder
 
 CHECK_TEXTS = [
     "Stocks rallied after the central bank held interest rates steady.",
@@ -64,17 +63,8 @@ def export_merged(run_dir: Path, out_dir: Path, tolerance: float = 1e-4, force: 
     """
     if out_dir.exists():
         raise NewstuneError(f"export folder {out_dir} already exists; choose another --merged")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # only ever a leftover partial export of this same name
-    try:
-        checks = _export_into(staging, run_dir, tolerance, force)
-        if out_dir.exists():
-            raise NewstuneError(f"export folder {out_dir} appeared while exporting; choose another --merged")
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return checks
+    with staged_folder(out_dir, "choose another --merged") as staging:
+        return _export_into(staging, run_dir, tolerance, force)
 
 
 def _export_into(folder: Path, run_dir: Path, tolerance: float, force: bool) -> dict:
