@@ -234,7 +234,9 @@ def driver_main(args: argparse.Namespace) -> None:
               "newstune_vs_hf_eval_throughput": ours["eval_samples_per_s"] / expert["eval_samples_per_s"],
               "newstune_cached_vs_hf_expert_tokens": cached["tokens_per_s"] / expert["tokens_per_s"],
               "newstune_cached_vs_hf_seed_tokens": cached["tokens_per_s"] / seed["tokens_per_s"]}
-    table = markdown_table(rows, [("contender", "contender"), ("train_seconds", "train s"),
+    for row in rows:
+        row["work"] = "different: lower layers cached" if row["contender"] == "newstune-cached" else "identical"
+    table = markdown_table(rows, [("contender", "contender"), ("work", "work"), ("train_seconds", "train s"),
                                   ("tokens_per_s", "tokens/s (non-pad)"), ("samples_per_s", "samples/s"),
                                   ("padding_fraction", "padding"), ("peak_rss_mb", "peak RSS MB"),
                                   ("accuracy", "accuracy (mean)"), ("accuracy_std", "accuracy (std)"),
