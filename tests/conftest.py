@@ -114,7 +114,7 @@ def make_served(model_dir: Path, labels: list[str], name: str = "topics", run_di
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels)).requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return ServedModel(name, run_dir or model_dir, torch_scorer(model, tokenizer.pad_token_id, "fp32"), tokenizer,
-                       labels, None, "fp32", 32, str(model_dir))
+                       labels, None, 32, str(model_dir))
 
 
 def needs_shared_data() -> pytest.MarkDecorator:

@@ -92,6 +92,18 @@ PAYLOAD_LABELS = [f"""<img src=x onerror="window.pwned=1;document.title='pwned'"
 PAYLOAD_MODEL = """<img src=y onerror="window.pwned=1">news" onfocus="window.pwned=1"""
 
 
+def ask_on_page(browser, url: str):
+    """The page at `url` after classifying one text through its form, every request settled."""
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_selector("#model option", state="attached")
+    page.fill("#text", "goal match team")
+    page.click("#go")
+    page.wait_for_selector("#label")
+    page.wait_for_load_state("networkidle")  # an injected <img src=x> would have failed to load by now
+    return page
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_page_shows_names_as_text_and_runs_no_script_in_them(tiny_models):
@@ -99,13 +111,7 @@ def test_page_shows_names_as_text_and_runs_no_script_in_them(tiny_models):
     app = create_app({PAYLOAD_MODEL: make_served(tiny_models["bert"], PAYLOAD_LABELS, name=PAYLOAD_MODEL)})
     with live(app) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
-        page = browser.new_page()
-        page.goto(url + "/")
-        page.wait_for_selector("#model option", state="attached")
-        page.fill("#text", "goal match team")
-        page.click("#go")
-        page.wait_for_selector("#label")
-        page.wait_for_load_state("networkidle")  # an injected <img src=x> would have failed to load by now
+        page = ask_on_page(browser, url)
         assert page.evaluate("window.pwned") is None and page.title() == "newstune"
         assert page.locator("#model option").inner_text() == f"{PAYLOAD_MODEL} (3 labels)"
         assert page.locator("#label").inner_text() in PAYLOAD_LABELS
@@ -124,13 +130,7 @@ def test_page_shows_a_multi_label_answer_as_its_label_set(tiny_models):
     served.decision = Decision(multi_label=True, label_thresholds=[0.0, 0.0, 1.01])
     with live(create_app({"tags": served})) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
-        page = browser.new_page()
-        page.goto(url + "/")
-        page.wait_for_selector("#model option", state="attached")
-        page.fill("#text", "goal match team")
-        page.click("#go")
-        page.wait_for_selector("#label")
-        page.wait_for_load_state("networkidle")
+        page = ask_on_page(browser, url)
         api = httpx.post(url + "/v1/classify", json={"model": "tags", "texts": ["goal match team"]}).json()
         assert api["results"][0]["labels"] == PAYLOAD_LABELS[:2]
         assert page.locator("#label").inner_text() == ", ".join(PAYLOAD_LABELS[:2])

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from newstune.data.registry import input_columns, record_text
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
 from newstune.run import LoadedRun
+from newstune.staging import staged_file
 
 CHUNK_ROWS = 2048
 
@@ -119,19 +119,6 @@ class OutputWriter:
         self.handle.close()
 
 
-@contextmanager
-def staged(path: Path) -> Iterator[Path]:
-    """A temporary file in path's folder, renamed to path on success and removed on any failure."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        yield partial
-        if path.exists():
-            raise NewstuneError(f"output file {path} appeared while predicting; choose another --output")
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def predict_file(run: LoadedRun, input_path: Path, output_path: Path, batch_size: int = 64) -> dict:
     """Predict every row; rows that cannot be read get an `error` and are counted, never dropped."""
     check_paths(input_path, output_path)
@@ -140,7 +127,8 @@ def predict_file(run: LoadedRun, input_path: Path, output_path: Path, batch_size
     if first is None:
         fix = "add one JSON object per line" if file_kind(input_path) == "jsonl" else "add rows below the header line"
         raise NewstuneError(f"{input_path}: no data rows; {fix}")
-    with staged(output_path) as partial:
+    with staged_file(output_path, f"output file {output_path} appeared while predicting; choose another --output") \
+            as partial:
         writer = OutputWriter(partial, run.label_names, file_kind(output_path))
         try:
             return _predict_chunks(run, itertools.chain([first], chunks), writer, input_path, batch_size)

@@ -41,7 +41,6 @@ class ServedModel:
     tokenizer: object
     label_names: list[str]
     threshold: float | None
-    precision: str
     max_length: int
     base_model: str
     clean: CleanConfig = field(default_factory=CleanConfig)
@@ -100,7 +99,7 @@ def load_served(specs: list[str], backend: str = "torch") -> dict[str, ServedMod
         pool = pools.setdefault((run.config.model.name, frozen), {})
         share_base_weights(run.model, pool)
         served[name] = ServedModel(name, run.run_dir, run.scorer, run.tokenizer, run.label_names, run.threshold,
-                                   run.scorer.precision, run.config.data.max_length, run.config.model.name,
+                                   run.config.data.max_length, run.config.model.name,
                                    run.config.data.clean, run.decision)
     return served
 

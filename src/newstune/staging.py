@@ -1,4 +1,4 @@
-"""A folder written under a temporary name beside its target and renamed to it only when complete."""
+"""Files and folders written under a temporary name beside their target, renamed to it only when complete."""
 
 from __future__ import annotations
 
@@ -18,13 +18,35 @@ def staged_folder(target: Path, fix: str) -> Iterator[Path]:
     `fix` finishes the one-line error given when `target` appeared meanwhile (nothing is ever overwritten).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    staging = _partial(target)
     shutil.rmtree(staging, ignore_errors=True)  # only ever a leftover partial folder of this same name
     staging.mkdir()
     try:
         yield staging
-        if target.exists():
-            raise NewstuneError(f"{target} appeared while it was being written; {fix}")
-        staging.rename(target)
+        _claim(staging, target, f"{target} appeared while it was being written; {fix}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_file(path: Path, appeared: str) -> Iterator[Path]:
+    """A temporary file in path's folder, renamed to path on success and removed on any failure.
+
+    `appeared` is the one-line error given when `path` appeared meanwhile (it is never overwritten).
+    """
+    partial = _partial(path)
+    try:
+        yield partial
+        _claim(partial, path, appeared)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.partial")
+
+
+def _claim(partial: Path, target: Path, appeared: str) -> None:
+    if target.exists():
+        raise NewstuneError(appeared)
+    partial.replace(target)
