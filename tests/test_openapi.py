@@ -5,6 +5,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402 -- after the importorskip
 from hypothesis import strategies as st  # noqa: E402
+from schemathesis.specs.openapi.checks import negative_data_rejection  # noqa: E402
 
 from newstune.config import CleanConfig  # noqa: E402
 from newstune.data.text import clean_text  # noqa: E402
@@ -27,6 +28,15 @@ def api_schema(tiny_models):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
+def mutates_more_than_format(case) -> bool:
+    """schemathesis "negates" a custom format by dropping it, so a draw whose only mutation is `format` may well be
+    valid visible text (it flagged "Q\\t..." as invalid): the rejection check applies to every other negative draw."""
+    mutations = getattr(case.meta.phase.data, "mutations", None) if case.meta else None
+    if not mutations:
+        return True
+    return any(set(mutation.keywords) - {"format"} for mutation in mutations)
+
+
 # schemathesis' own pytest plugin (schema.parametrize) fails under pytest 9 (it sets Function._nodeid), so its
 # documented Hypothesis strategies drive the test instead: every operation, all checks, both generation modes.
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
@@ -35,7 +45,7 @@ def test_the_api_does_what_its_schema_says(api_schema, mode):
     @settings(max_examples=60, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def call_and_validate(case):
-        case.call_and_validate()
+        case.call_and_validate(excluded_checks=[] if mutates_more_than_format(case) else [negative_data_rejection])
 
     call_and_validate()
 

@@ -38,7 +38,8 @@ def test_models_show_names_not_server_paths(tiny_models, tmp_path):
     with TestClient(app) as client:
         response = client.get("/v1/models")
     assert response.json() == [{"name": "topics", "labels": LABELS, "threshold": None, "multi_label": False,
-                                "base_model": "bert", "run": "topics-2026", "backend": "torch-fp32"}]
+                                "columns": ["text"], "base_model": "bert", "run": "topics-2026",
+                                "backend": "torch-fp32"}]
     assert str(tmp_path) not in response.text and str(tiny_models["bert"]) not in response.text
 
 
@@ -181,3 +182,27 @@ def test_serve_cleans_texts_as_predict_does(runs, tmp_path):  # noqa: F811
         predict_logits(run.model, run.tokenizer([text])["input_ids"], 0, precision=run.precision).numpy(),
         run.decision)[0]
     assert [round(float(p), 6) for p in raw] != list(predicted.values())  # the cleaning matters for this text
+
+
+def test_records_are_built_into_text_as_training_built_them(tiny_models):
+    from newstune.config import DataConfig
+
+    served = make_served(tiny_models["bert"], ["fake", "true"], name="liar")
+    served.data = DataConfig(name="liar", credit_history="train_record", metadata_fields=["speaker"])
+    counts = {"barely_true_count": 1, "false_count": 2, "half_true_count": 3, "mostly_true_count": 4,
+              "pants_fire_count": 5}
+    record = {"statement": "Taxes went up.", "speaker": "jane-doe", **counts}
+    text = ("Taxes went up. Speaker: jane doe. History (15 rated): barely true 1 (7%), false 2 (13%), "
+            "half true 3 (20%), mostly true 4 (27%), pants fire 5 (33%).")
+    with TestClient(create_app({"liar": served})) as client:
+        assert client.get("/v1/models").json()[0]["columns"] == ["statement", *counts]
+        by_record = client.post("/v1/classify-records", json={"model": "liar", "records": [record]})
+        by_text = client.post("/v1/classify", json={"model": "liar", "texts": [text]})
+        assert by_record.status_code == 200 and by_record.json() == by_text.json()
+        missing = client.post("/v1/classify-records", json={"model": "liar", "records": [
+            record, {"statement": "x", "speaker": "y"}]})
+        assert missing.status_code == 422
+        assert missing.json()["detail"][0]["loc"] == ["body", "records", 1]
+        assert "missing column(s) ['barely_true_count'" in missing.json()["detail"][0]["msg"]
+        bad = client.post("/v1/classify-records", json={"model": "liar", "records": [{**record, "false_count": -3}]})
+        assert bad.status_code == 422 and "not a whole number" in bad.json()["detail"][0]["msg"]

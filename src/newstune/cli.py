@@ -50,6 +50,17 @@ def show_metrics(metrics: dict, label_names: list[str], title: str) -> None:
             f"{eff['latency_ms_median']:.1f} ms | {eff['precision']}")
 
 
+def show_seed_summary(summary: dict, title: str) -> None:
+    from newstune.seeds import summary_rows
+
+    table = Table(title=f"{title}: {summary['n']} seeds" + (" (LEAKY)" if summary["leaky"] else ""))
+    for column in ("split", "figure", "mean ± std", "per seed"):
+        table.add_column(column)
+    for row in summary_rows(summary):
+        table.add_row(*row)
+    Console().print(table)
+
+
 def _config_with(config_path: Path, overrides: list[str] | None, data_dir: Path | None):
     from newstune.config import load_config
 
@@ -68,14 +79,25 @@ def train(
     engine: Engine = EngineName.local,
     workers: Annotated[int, typer.Option(help="--engine ray: data-parallel training workers.")] = 2,
     address: Address = None,
+    seeds: Annotated[int, typer.Option(help="Train over N seeds (train.seed, +1, ...) into RUN/seed-N/ and write "
+                                            "the mean and spread of every figure to RUN/seeds.json.")] = 1,
 ) -> None:
-    """Train a classifier from a recipe; writes a run directory."""
+    """Train a classifier from a recipe; writes a run directory (with --seeds, a folder of them)."""
+    from newstune import seeds as seed_groups
     from newstune import train as training
     from newstune.run import read_labels
 
     if resume is None and config is None:
         raise NewstuneError("give a recipe (newstune train recipes/ag_news/minilm_lora.yaml) or --resume RUN")
     recipe = _config_with(config, overrides, data_dir) if resume is None else None
+    if seeds != 1 or (resume is not None and seed_groups.is_seed_group(resume)):
+        if engine == "ray" or stop_after_steps is not None:
+            raise NewstuneError("--seeds runs locally to the end; drop --engine ray / --stop-after-steps")
+        group, summary = (seed_groups.train_seeds(recipe, seeds, output_dir) if resume is None
+                          else seed_groups.resume_seeds(resume))
+        show_seed_summary(summary, str(group))
+        typer.echo(str(group))
+        return
     if engine == "ray":
         from newstune.ray_train import train_on_ray
 

@@ -63,7 +63,11 @@ class DataConfig(_Section):
         default_factory=lambda: ["speaker", "job", "state", "party", "subject", "context"],
         description="liar: metadata written into the text.",
     )
-    credit_history: bool = Field(False, description="liar: add credit counts (leaks the label; run marked leaky).")
+    credit_history: Literal["off", "raw", "exclude_self", "train_record"] = Field(
+        "off", description="liar: the speaker's record in the text. raw: the five counts as given (they include "
+        "the statement's own label: leaky). exclude_self: the counts minus the statement's own label (still "
+        "leaky: a recurring speaker's counts then differ by label). train_record: the speaker's ratings on other "
+        "training statements (out-of-fold for training rows): leak-free.")
     merge_categories: bool = Field(False, description="huffpost: merge near-duplicate categories.")
     min_class_count: int = Field(0, ge=0, description="Drop classes with fewer training rows than this.")
     valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of train held out when no valid split.")
@@ -74,6 +78,12 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("credit_history", mode="before")
+    @classmethod
+    def _history_from_bool(cls, value: Any) -> Any:
+        # Recipes from before the modes existed said true/false.
+        return {True: "raw", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _files_need_train(self) -> DataConfig:
@@ -165,6 +175,8 @@ class EvalSettings(_Section):
                                   "tuned on validation for macro-F1.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
+    test_curve: bool = Field(False, description="Also evaluate the test split after every epoch, logged as "
+                             "kind 'test' in metrics.jsonl for time-to-accuracy curves; no choice reads it.")
     extra: list[ExtraEvalSet] = Field(default_factory=list, description="Extra labelled sets (OOD) to evaluate.")
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from newstune import decisions
 from newstune.data.files import JsonlRow, iter_jsonl, reading
-from newstune.data.registry import input_columns, record_text
+from newstune.data.registry import record_input_text
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
 from newstune.run import LoadedRun
@@ -86,10 +86,10 @@ def _jsonl_chunks(path: Path) -> Iterator[list[JsonlRow]]:
 def row_text(record: dict | None, run: LoadedRun) -> tuple[str | None, str | None]:
     if record is None:
         return None, None
-    missing = [c for c in input_columns(run.config.data) if c not in record or record[c] is None]
-    if missing:
-        return None, f"missing column(s) {missing}"
-    text = clean_text(record_text({k: str(v) for k, v in record.items()}, run.config.data), run.config.data.clean)
+    try:
+        text = clean_text(record_input_text(record, run.config.data), run.config.data.clean)
+    except NewstuneError as err:
+        return None, str(err)
     return (text, None) if text else (None, "empty text")
 
 

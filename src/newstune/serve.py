@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from newstune import decisions
 from newstune.backends import Scorer
-from newstune.config import CleanConfig
+from newstune.config import CleanConfig, DataConfig
+from newstune.data.registry import input_columns, record_input_text
 from newstune.data.text import clean_text
 from newstune.decisions import Decision
 from newstune.errors import NewstuneError
@@ -45,6 +46,7 @@ class ServedModel:
     base_model: str
     clean: CleanConfig = field(default_factory=CleanConfig)
     decision: Decision = field(default_factory=Decision)  # how logits become probabilities and labels
+    data: DataConfig | None = None  # the run's data settings: how a record's columns become its text
 
     def __post_init__(self) -> None:
         if self.decision == Decision() and self.threshold is not None:
@@ -100,7 +102,7 @@ def load_served(specs: list[str], backend: str = "torch") -> dict[str, ServedMod
         share_base_weights(run.model, pool)
         served[name] = ServedModel(name, run.run_dir, run.scorer, run.tokenizer, run.label_names, run.threshold,
                                    run.config.data.max_length, run.config.model.name,
-                                   run.config.data.clean, run.decision)
+                                   run.config.data.clean, run.decision, run.config.data)
     return served
 
 
@@ -196,6 +198,17 @@ class ClassifyRequest(BaseModel):
     texts: list[NewsText] = Field(min_length=1, max_length=MAX_TEXTS, description=f"1-{MAX_TEXTS} texts.")
 
 
+RecordValue = Annotated[str, StringConstraints(max_length=MAX_CHARS)] | int | float
+
+
+class ClassifyRecordsRequest(BaseModel):
+    model: str = Field(description="A served model name (GET /v1/models); another name is 404.")
+    records: list[dict[str, RecordValue]] = Field(
+        min_length=1, max_length=MAX_TEXTS, description=f"1-{MAX_TEXTS} rows with the run's input columns "
+        "(GET /v1/models: `columns`), built into text as training built it -- LIAR: statement, speaker, ... and "
+        "the speaker's five credit counts as they stand. A missing column or a bad value is 422.")
+
+
 class Prediction(BaseModel):
     label: str | None = Field(None, description="The predicted class (single-label models).")
     labels: list[str] | None = Field(None, description="Multi-label models: every label that applies (maybe none).")
@@ -215,6 +228,7 @@ class ServedInfo(BaseModel):
     base_model: str = Field(description="A hub id, or the folder name of a local model (never its path).")
     run: str = Field(description="The run's folder name (never its path on the server).")
     backend: str = Field(description="What computes the logits: torch-bf16, torch-fp32, onnx-int8, openvino-int8, ...")
+    columns: list[str] = Field(description="The columns a /v1/classify-records row needs.")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -249,7 +263,8 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
     @app.get("/v1/models")
     def models() -> list[ServedInfo]:
         return [ServedInfo(name=m.name, labels=m.label_names, threshold=m.threshold, multi_label=m.decision.multi_label,
-                           base_model=public_name(m.base_model), run=m.run_dir.name, backend=m.scorer.name)
+                           base_model=public_name(m.base_model), run=m.run_dir.name, backend=m.scorer.name,
+                           columns=input_columns(m.data) if m.data else ["text"])
                 for m in served.values()]
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
@@ -257,16 +272,36 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
         model = served.get(request.model)
         if model is None:
             raise HTTPException(404, f"unknown model; GET /v1/models lists {list(served)}")
-        empty = [i for i, text in enumerate(request.texts) if not has_visible(model.cleaned(text))]
+        return await answer(request.model, model, request.texts, "texts")
+
+    @app.post("/v1/classify-records", response_model=ClassifyResponse, response_model_exclude_none=True,
+              responses=ERRORS)
+    async def classify_records(request: ClassifyRecordsRequest) -> ClassifyResponse:
+        model = served.get(request.model)
+        if model is None:
+            raise HTTPException(404, f"unknown model; GET /v1/models lists {list(served)}")
+        texts, problems = [], []
+        for i, record in enumerate(request.records):
+            try:
+                texts.append(record_input_text(record, model.data) if model.data else str(record["text"]))
+            except (NewstuneError, KeyError) as err:
+                problems.append({"loc": ("body", "records", i), "type": "bad_record",
+                                 "msg": str(err) if isinstance(err, NewstuneError) else "missing column(s) ['text']"})
+        if problems:
+            raise RequestValidationError(problems)
+        return await answer(request.model, model, texts, "records")
+
+    async def answer(name: str, model: ServedModel, texts: list[str], field: str) -> ClassifyResponse:
+        empty = [i for i, text in enumerate(texts) if not has_visible(model.cleaned(text))]
         if empty:
-            raise RequestValidationError([{"loc": ("body", "texts", i), "type": "empty_text",
+            raise RequestValidationError([{"loc": ("body", field, i), "type": "empty_text",
                                            "msg": f"text is empty: it has no {VISIBLE} once cleaned"}
                                           for i in empty])
         try:
-            results = await batchers[request.model].classify(request.texts)
+            results = await batchers[name].classify(texts)
         except Overloaded as busy:
             raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after)}) from None
-        return ClassifyResponse(model=request.model, results=[Prediction(**r) for r in results])
+        return ClassifyResponse(model=name, results=[Prediction(**r) for r in results])
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -309,8 +309,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             metrics, _ = self.evaluate_split("validation")
             record = {"kind": "eval", "epoch": epoch, "step": self.state.global_step,
+                      "train_seconds": round(self.state.train_seconds, 2),
                       **{k: metrics[k] for k in ("accuracy", "macro_f1", "loss")}}
             self._log(record)
+            if self.config.eval.test_curve:
+                test_metrics, _ = self.evaluate_split("test")
+                self._log({**record, "kind": "test", **{k: test_metrics[k] for k in ("accuracy", "macro_f1", "loss")}})
             score = -metrics["loss"] if cfg.metric == "loss" else metrics[cfg.metric]
             if self.state.best_metric is None or score > self.state.best_metric:
                 self.state.best_metric, self.state.best_epoch = score, epoch
@@ -333,7 +337,7 @@ class Trainer:
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            prefix = "train" if record["kind"] == "train" else "validation"
+            prefix = {"train": "train", "eval": "validation"}.get(record["kind"], record["kind"])
             for key, value in record.items():
                 if isinstance(value, float):
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])

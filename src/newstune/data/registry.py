@@ -15,8 +15,9 @@ import pandas as pd
 from newstune.config import DataConfig
 from newstune.data.augment import augment_train
 from newstune.data.files import read_table, require_columns
+from newstune.data.speaker_record import LEAKY_MODES, LIAR_CREDIT_FIELDS, with_speaker_records
 from newstune.data.splits import TextSplit, encode_label_sets, encode_labels, split_label_set, stratified_split
-from newstune.data.text import LIAR_CREDIT_FIELDS, LIAR_FIELD_TITLES, clean_text, textualize_liar
+from newstune.data.text import LIAR_FIELD_TITLES, clean_text, textualize_liar
 from newstune.errors import NewstuneError
 
 SPLITS = ("train", "validation", "test")
@@ -110,22 +111,34 @@ def read_liar(path: Path) -> pd.DataFrame:
 
 
 def load_liar(config: DataConfig, folder: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
+    check_liar_fields(config)
+    records = {split: read_liar(find_file(folder, [name], f"LIAR {split}")).to_dict("records")
+               for split, name in (("train", "train.tsv"), ("validation", "valid.tsv"), ("test", "test.tsv"))}
+    return liar_rows(records, config), (["fake", "true"] if config.labels == "binary" else list(LIAR_SIX))
+
+
+def check_liar_fields(config: DataConfig) -> None:
     unknown = sorted(set(config.metadata_fields) - set(LIAR_FIELD_TITLES))
     if unknown:
         raise NewstuneError(f"data.metadata_fields: unknown field(s) {unknown}; choose from {list(LIAR_FIELD_TITLES)}")
-    if config.credit_history:
-        warnings.warn("data.credit_history: the LIAR credit counts include the statement's own label "
-                      "(label leakage); this run is marked leaky in metrics.json", stacklevel=2)
+    if config.credit_history in LEAKY_MODES:
+        warnings.warn(f"data.credit_history: {config.credit_history}: the speaker's record carries the statement's "
+                      "own label (label leakage); this run is marked leaky in metrics.json. Use train_record for "
+                      "a leak-free record", stacklevel=3)
+
+
+def liar_rows(records: dict[str, list[dict]], config: DataConfig) -> dict[str, list[tuple[str, str]]]:
+    """(text, label) per split from LIAR rows whose 'label' is the six-way rating."""
+    records = with_speaker_records(records, config.credit_history)
+    with_history = config.credit_history != "off"
     rows = {}
-    for split, name in (("train", "train.tsv"), ("validation", "valid.tsv"), ("test", "test.tsv")):
-        frame = read_liar(find_file(folder, [name], f"LIAR {split}"))
-        records = frame.to_dict("records")
-        labels = [r["label"] for r in records]
+    for split, split_records in records.items():
+        labels = [r["label"] for r in split_records]
         if config.labels == "binary":
             labels = [LIAR_BINARY.get(label, label) for label in labels]
-        rows[split] = [(textualize_liar(r, config.metadata_fields, config.credit_history), label)
-                       for r, label in zip(records, labels)]
-    return rows, (["fake", "true"] if config.labels == "binary" else list(LIAR_SIX))
+        rows[split] = [(textualize_liar(r, config.metadata_fields, with_history), label)
+                       for r, label in zip(split_records, labels)]
+    return rows
 
 
 def load_liar_subjects(config: DataConfig, folder: Path) -> tuple[dict[str, list[tuple[str, tuple]]], None]:
@@ -167,15 +180,24 @@ def input_columns(config: DataConfig) -> list[str]:
     if config.name == "liar_subjects":
         return ["statement"]
     if config.name == "liar":
-        return ["statement", *(LIAR_CREDIT_FIELDS if config.credit_history else [])]
+        return ["statement", *(LIAR_CREDIT_FIELDS if config.credit_history != "off" else [])]
     return list(config.text_columns)
+
+
+def record_input_text(record: dict, config: DataConfig) -> str:
+    """A prediction row's text, uncleaned; a missing column or a bad value is a NewstuneError naming it."""
+    missing = [c for c in input_columns(config) if c not in record or record[c] is None]
+    if missing:
+        raise NewstuneError(f"missing column(s) {missing}")
+    return record_text({k: str(v) for k, v in record.items()}, config)
 
 
 def record_text(record: dict[str, str], config: DataConfig) -> str:
     """A row's text built the way training built it, before cleaning: one path for train and predict."""
     if config.name in ("liar", "liar_subjects"):
+        # The counts given are the speaker's prior record as it stands: no mode rewrites them at prediction.
         row = {column: str(record.get(column) or "") for column in LIAR_COLUMNS}
-        return textualize_liar(row, liar_fields(config), config.credit_history and config.name == "liar")
+        return textualize_liar(row, liar_fields(config), config.credit_history != "off" and config.name == "liar")
     return build_text(record, config)
 
 
@@ -227,6 +249,7 @@ def hub_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list
         ) from None
     split_names = {"train": "train", "validation": "validation", "test": "test"}
     rows: dict[str, list[tuple[str, str]]] = {}
+    liar_records: dict[str, list[dict]] = {}
     for split, hub_split in split_names.items():
         if hub_split not in hub:
             continue
@@ -236,15 +259,14 @@ def hub_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list
             rows[split] = [(r["text"], AG_NEWS_CLASSES[r["label"]]) for r in part]
         elif config.name == "liar":
             records = [{HUB_LIAR_COLUMNS.get(k, k): str(v) for k, v in r.items()} for r in part]
-            labels = [names[int(r["label"])] for r in records]
-            if config.labels == "binary":
-                labels = [LIAR_BINARY[label] for label in labels]
-            rows[split] = [(textualize_liar(r, config.metadata_fields, config.credit_history), label)
-                           for r, label in zip(records, labels)]
+            liar_records[split] = [{**r, "label": names[int(r["label"])]} for r in records]
         else:
             rows[split] = [(f"{r['headline'].strip()}. {r['short_description'].strip()}",
                             HUFFPOST_MERGES.get(r["category"], r["category"]) if config.merge_categories
                             else r["category"]) for r in part]
+    if liar_records:
+        check_liar_fields(config)
+        rows = liar_rows(liar_records, config)
     label_names = {"ag_news": list(AG_NEWS_CLASSES), "huffpost": None,
                    "liar": ["fake", "true"] if config.labels == "binary" else list(LIAR_SIX)}[config.name]
     return rows, label_names
@@ -308,7 +330,7 @@ def load_dataset(config: DataConfig, seed: int = 42) -> DatasetBundle:
     if config.augment.eda or config.augment.synthetic_file:
         splits["train"] = augment_train(splits, label_names, config.augment, seed)
     info = {"dataset": config.name, "rows": {s: len(v) for s, v in splits.items()}, **extra_info}
-    if config.name == "liar" and config.credit_history:
+    if config.name == "liar" and config.credit_history in LEAKY_MODES:
         info["leaky"] = True
     return DatasetBundle(splits=splits, label_names=list(label_names), info=info)
 

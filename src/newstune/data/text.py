@@ -11,6 +11,7 @@ import html
 import re
 
 from newstune.config import CleanConfig
+from newstune.data.speaker_record import LIAR_CREDIT_FIELDS, credit_count, credit_text
 
 # A tag may not contain '<': an attempt starting at one '<' never reads past the next '<', so the attempts over a
 # row of unclosed '<' cover disjoint spans (linear); `<[^>]+>` rescanned to the end of the text from every '<'.
@@ -78,11 +79,10 @@ LIAR_FIELD_TITLES = {
     "subject": "Subject",
     "context": "Context",
 }
-LIAR_CREDIT_FIELDS = ["barely_true_count", "false_count", "half_true_count", "mostly_true_count", "pants_fire_count"]
 
 
 def textualize_liar(row: dict[str, str], fields: list[str], credit_history: bool) -> str:
-    """'statement [SEP-like] Speaker: x. Job: y. ...' -- metadata as natural text the encoder can read."""
+    """'statement Speaker: x. Job: y. ... History (n rated): ...' -- metadata as natural text the encoder reads."""
     parts = [row["statement"].strip()]
     for field in fields:
         value = row[field].strip().replace("-", " ") if field == "speaker" else row[field].strip()
@@ -91,7 +91,6 @@ def textualize_liar(row: dict[str, str], fields: list[str], credit_history: bool
         if value:
             parts.append(f"{LIAR_FIELD_TITLES[field]}: {value}.")
     if credit_history:
-        counts = ", ".join(f"{name.removesuffix('_count').replace('_', ' ')} {row[name]}"
-                           for name in LIAR_CREDIT_FIELDS)
-        parts.append(f"History: {counts}.")
+        parts.append(credit_text({name: credit_count(row[name]) for name in LIAR_CREDIT_FIELDS}))
     return " ".join(parts)
+

@@ -1,0 +1,104 @@
+"""One recipe trained over several seeds, summarised as the mean and spread of every figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from newstune.config import RunConfig, dump_config, validate
+from newstune.errors import NewstuneError
+from newstune.run import CONFIG_FILE, METRICS_FILE, check_new_run_dir, planned_run_dir, read_metrics, write_atomically
+from newstune.train import resume, train
+
+GROUP_FILE = "seeds.yaml"  # the recipe and its seeds: marks a folder as a seed group, not a run
+SUMMARY_FILE = "seeds.json"
+SPLIT_FIGURES = ("accuracy", "macro_f1", "loss")
+EFFICIENCY_FIGURES = ("train_seconds", "epoch_seconds_mean", "train_samples_per_s", "train_tokens_per_s",
+                      "peak_rss_mb")
+
+
+def seed_run_dir(group: Path, seed: int) -> Path:
+    return group / f"seed-{seed}"
+
+
+def train_seeds(config: RunConfig, seeds: int, output_dir: Path | None = None) -> tuple[Path, dict]:
+    """Trains the recipe with seeds train.seed, train.seed + 1, ... into GROUP/seed-N/; returns GROUP, summary."""
+    if seeds < 2:
+        raise NewstuneError(f"--seeds {seeds}: a spread needs at least 2 seeds; use plain `newstune train` for one")
+    group = planned_run_dir(config, output_dir)
+    check_new_run_dir(group)
+    group.mkdir(parents=True)
+    seed_list = [config.train.seed + i for i in range(seeds)]
+    (group / GROUP_FILE).write_text(yaml.safe_dump({"seeds": seed_list, "recipe": yaml.safe_load(dump_config(config))},
+                                                   sort_keys=False))
+    return group, finish_seeds(group)
+
+
+def resume_seeds(group: Path) -> tuple[Path, dict]:
+    """Finishes an interrupted group: resumes the unfinished seed run, trains the ones not started."""
+    return group, finish_seeds(group)
+
+
+def is_seed_group(path: Path) -> bool:
+    return (Path(path) / GROUP_FILE).is_file()
+
+
+def finish_seeds(group: Path) -> dict:
+    spec = yaml.safe_load((group / GROUP_FILE).read_text())
+    for seed in spec["seeds"]:
+        run_dir = seed_run_dir(group, seed)
+        if (run_dir / METRICS_FILE).is_file():
+            continue
+        if (run_dir / CONFIG_FILE).is_file():
+            resume(run_dir)
+            continue
+        config = validate(spec["recipe"], str(group / GROUP_FILE))
+        config.train.seed = seed
+        train(config, run_dir)
+    summary = summarize([seed_run_dir(group, seed) for seed in spec["seeds"]])
+    write_atomically(group / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(run_dirs: list[Path]) -> dict:
+    """Mean, sample standard deviation and per-seed values of each split figure, class recall and speed figure."""
+    metrics = [read_metrics(run_dir) for run_dir in run_dirs]
+    summary: dict = {"runs": [str(run_dir) for run_dir in run_dirs], "n": len(run_dirs)}
+    for split in ("validation", "test"):
+        if all(split in m for m in metrics):
+            figures = {name: spread([m[split][name] for m in metrics]) for name in SPLIT_FIGURES}
+            classes = metrics[0][split].get("per_class", {})
+            figures["recall_per_class"] = {label: spread([m[split]["per_class"][label]["recall"] for m in metrics])
+                                           for label in classes}
+            summary[split] = figures
+    summary["efficiency"] = {name: spread([m["efficiency"][name] for m in metrics])
+                             for name in EFFICIENCY_FIGURES if all(name in m.get("efficiency", {}) for m in metrics)}
+    summary["leaky"] = any(m.get("leaky") for m in metrics)
+    return summary
+
+
+def spread(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=float)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "values": [float(v) for v in array]}
+
+
+def summary_rows(summary: dict) -> list[list[str]]:
+    """Terminal/markdown rows: split, figure, mean ± std, per-seed values."""
+    rows = []
+    for split in ("validation", "test"):
+        for name in SPLIT_FIGURES:
+            if split in summary:
+                rows.append([split, name, *_cells(summary[split][name])])
+    for name, figure in summary["efficiency"].items():
+        rows.append(["train", name, *_cells(figure)])
+    return rows
+
+
+def _cells(figure: dict) -> list[str]:
+    digits = 4 if abs(figure["mean"]) < 10 else 1
+    return [f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}",
+            " ".join(f"{v:.{digits}f}" for v in figure["values"])]

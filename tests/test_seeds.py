@@ -1,0 +1,63 @@
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+from newstune.config import validate
+from newstune.errors import NewstuneError
+from newstune.seeds import SUMMARY_FILE, finish_seeds, spread, train_seeds
+
+from .conftest import tiny_config
+from .test_train import cli
+
+
+def tiny_recipe(tiny_models, tiny_data, **overrides):
+    return validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1, **overrides}))
+
+
+def test_each_seed_is_its_own_run_and_the_summary_is_their_mean(tiny_models, tiny_data, tmp_path):
+    group, summary = train_seeds(tiny_recipe(tiny_models, tiny_data), 2, tmp_path / "group")
+    runs = [json.loads((group / f"seed-{seed}" / "metrics.json").read_text()) for seed in (7, 8)]
+    losses = [run["test"]["loss"] for run in runs]
+    assert losses[0] != losses[1], "the second run must use the next seed"
+    assert summary["test"]["loss"]["values"] == pytest.approx(losses)
+    assert summary["test"]["loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert summary["test"]["loss"]["std"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5)
+    assert json.loads((group / SUMMARY_FILE).read_text()) == summary
+    assert set(summary["test"]["recall_per_class"]) == {"business", "science", "sports"}
+    seed_configs = [yaml.safe_load((group / f"seed-{seed}" / "config.yaml").read_text()) for seed in (7, 8)]
+    assert [c["train"]["seed"] for c in seed_configs] == [7, 8]
+
+
+def test_spread_is_the_sample_standard_deviation():
+    figure = spread([0.90, 0.92, 0.94])
+    assert figure["mean"] == pytest.approx(0.92)
+    assert figure["std"] == pytest.approx(0.02)
+
+
+def test_an_interrupted_group_finishes_only_what_is_missing(tiny_models, tiny_data, tmp_path):
+    group, first = train_seeds(tiny_recipe(tiny_models, tiny_data), 2, tmp_path / "group")
+    kept = group / "seed-7" / "metrics.json"
+    stamp = os.stat(kept).st_mtime_ns
+    shutil.rmtree(group / "seed-8")  # as if stopped before seed 8 began
+    again = finish_seeds(group)
+    assert os.stat(kept).st_mtime_ns == stamp, "a finished seed run is never retrained or rewritten"
+    assert again["test"]["loss"]["values"] == pytest.approx(first["test"]["loss"]["values"], abs=1e-6)
+
+
+def test_an_existing_group_folder_is_never_overwritten(tiny_models, tiny_data, tmp_path):
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "notes.txt").write_text("mine")
+    with pytest.raises(NewstuneError, match="already exists"):
+        train_seeds(tiny_recipe(tiny_models, tiny_data), 2, tmp_path / "group")
+    assert (tmp_path / "group" / "notes.txt").read_text() == "mine"
+
+
+def test_the_cli_refuses_one_seed_in_one_line(tiny_models, tiny_data, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config(tiny_models["bert"], tiny_data)))
+    result = cli("train", str(recipe), "--seeds", "0", cwd=tmp_path)
+    assert result.returncode != 0 and "a spread needs at least 2 seeds" in result.stderr
+    assert "Traceback" not in result.stderr
