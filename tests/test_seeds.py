@@ -8,6 +8,7 @@ import yaml
 from newstune.config import validate
 from newstune.errors import NewstuneError
 from newstune.seeds import SUMMARY_FILE, finish_seeds, spread, train_seeds
+from newstune.train import train
 
 from .conftest import tiny_config
 from .test_train import cli
@@ -61,3 +62,18 @@ def test_the_cli_refuses_one_seed_in_one_line(tiny_models, tiny_data, tmp_path):
     result = cli("train", str(recipe), "--seeds", "0", cwd=tmp_path)
     assert result.returncode != 0 and "a spread needs at least 2 seeds" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_seed_run_stopped_mid_training_is_resumed_not_restarted(tiny_models, tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_models, tiny_data, **{"train.epochs": 2})
+    _, whole = train_seeds(recipe, 2, tmp_path / "whole")
+    group = tmp_path / "stopped"
+    group.mkdir()
+    shutil.copy(tmp_path / "whole" / "seeds.yaml", group / "seeds.yaml")
+    shutil.copytree(tmp_path / "whole" / "seed-7", group / "seed-7")
+    second = recipe.model_copy(deep=True)
+    second.train.seed = 8
+    train(second, group / "seed-8", stop_after_steps=5)  # a checkpoint, no metrics: as if stopped
+    assert not (group / "seed-8" / "metrics.json").exists()
+    resumed = finish_seeds(group)
+    assert resumed["test"]["loss"]["values"] == pytest.approx(whole["test"]["loss"]["values"], abs=1e-5)
