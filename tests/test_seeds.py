@@ -77,3 +77,21 @@ def test_a_seed_run_stopped_mid_training_is_resumed_not_restarted(tiny_models, t
     assert not (group / "seed-8" / "metrics.json").exists()
     resumed = finish_seeds(group)
     assert resumed["test"]["loss"]["values"] == pytest.approx(whole["test"]["loss"]["values"], abs=1e-5)
+
+
+def test_the_results_table_shows_each_group_as_mean_and_spread(tiny_models, tiny_data, tmp_path):
+    from newstune.seed_table import write_seed_table
+
+    group, _ = train_seeds(tiny_recipe(tiny_models, tiny_data), 2, tmp_path / "group")
+    single, _ = train(tiny_recipe(tiny_models, tiny_data, **{"lora.r": 2}), tmp_path / "single")
+    f1 = [json.loads((group / f"seed-{s}" / "metrics.json").read_text())["test"]["macro_f1"] for s in (7, 8)]
+    rows = write_seed_table([group, single], tmp_path / "out")
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    mean, std = sum(f1) / 2, abs(f1[0] - f1[1]) / 2 ** 0.5
+    assert "| group | files | " in table[2] and f"{mean:.4f} ± {std:.4f}" in table[2]
+    assert "LoRA r=2 qv" in table[3] and " ± " not in table[3].split("|")[7], "one run has no spread"
+    assert [row["seeds"] for row in rows] == [[7, 8], [7]]
+    shutil.rmtree(group / "seed-8" / "model")
+    (group / "seed-8" / "metrics.json").unlink()
+    with pytest.raises(NewstuneError, match="unfinished run"):
+        write_seed_table([group], tmp_path / "out2")

@@ -244,13 +244,18 @@ def compare(
 
 @app.command()
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
+    runs: Annotated[list[Path], typer.Argument(help="Run directories or seed groups (train --seeds).")],
     output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the table and plots go.")] = Path("report"),
 ) -> None:
-    """The comparison table and plots for existing runs."""
+    """The comparison table and plots for existing runs; with seed groups (train --seeds), the mean ± spread table."""
     from newstune.report import report_runs
+    from newstune.seed_table import write_seed_table
+    from newstune.seeds import is_seed_group
 
-    report_runs(runs, output_dir)
+    if any(is_seed_group(run) for run in runs):
+        write_seed_table(runs, output_dir)
+    else:
+        report_runs(runs, output_dir)
 
 
 @app.command()

@@ -46,6 +46,12 @@ def is_seed_group(path: Path) -> bool:
     return (Path(path) / GROUP_FILE).is_file()
 
 
+def group_runs(group: Path) -> list[Path]:
+    """The seed run folders of a group, in seed order."""
+    spec = yaml.safe_load((Path(group) / GROUP_FILE).read_text())
+    return [seed_run_dir(Path(group), seed) for seed in spec["seeds"]]
+
+
 def finish_seeds(group: Path) -> dict:
     spec = yaml.safe_load((group / GROUP_FILE).read_text())
     for seed in spec["seeds"]:
@@ -58,7 +64,7 @@ def finish_seeds(group: Path) -> dict:
         config = validate(spec["recipe"], str(group / GROUP_FILE))
         config.train.seed = seed
         train(config, run_dir)
-    summary = summarize([seed_run_dir(group, seed) for seed in spec["seeds"]])
+    summary = summarize(group_runs(group))
     write_atomically(group / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
