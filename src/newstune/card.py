@@ -152,8 +152,9 @@ def efficiency_section(metrics: dict) -> list[str]:
 def limitations(config: RunConfig, metrics: dict) -> list[str]:
     notes = []
     if metrics.get("leaky"):
-        notes.append("**Leaky run**: the LIAR credit-history counts include each statement's own label, so these "
-                     "figures overstate what the model can do on new statements.")
+        notes.append(f"**Leaky run**: the LIAR speaker record (`credit_history: {config.data.credit_history}`) "
+                     "carries each statement's own label, so these figures overstate what the model can do on new "
+                     "statements; `credit_history: train_record` is the leak-free record.")
     if config.data.name in ("liar", "liar_subjects"):
         notes.append("LIAR statements are US political claims (2007-2016); ratings and topics elsewhere differ.")
     if config.data.name == "ag_news":
