@@ -29,7 +29,8 @@ def seed_row(path: Path) -> dict:
         f"LoRA r={lora.r} {','.join(lora.target_modules or ['qv'])}"
         + (f" top {lora.top_layers}" if lora.top_layers else "")
         + (" cached" if config.train.cache_frozen_layers else ""))
-    return {"run": Path(path).name, "dataset": config.data.name, "model": config.model.name, "method": method,
+    name = Path(path).name if not Path(path).name.startswith("seed-") else f"{Path(path).parent.name}/{Path(path).name}"
+    return {"run": name, "dataset": config.data.name, "model": config.model.name, "method": method,
             "seeds": [read_config(run).train.seed for run in runs], "summary": summary,
             "trainable_params": metrics["efficiency"]["trainable_params"],
             "precision": metrics["efficiency"]["precision"], "leaky": summary["leaky"]}
