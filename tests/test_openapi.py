@@ -5,7 +5,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402 -- after the importorskip
 from hypothesis import strategies as st  # noqa: E402
-from schemathesis.specs.openapi.checks import negative_data_rejection  # noqa: E402
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance  # noqa: E402
 
 from newstune.config import CleanConfig  # noqa: E402
 from newstune.data.text import clean_text  # noqa: E402
@@ -45,7 +45,12 @@ def test_the_api_does_what_its_schema_says(api_schema, mode):
     @settings(max_examples=60, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def call_and_validate(case):
-        case.call_and_validate(excluded_checks=[] if mutates_more_than_format(case) else [negative_data_rejection])
+        excluded = [] if mutates_more_than_format(case) else [negative_data_rejection]
+        if case.operation.path == "/v1/classify-records":
+            # Which columns a record needs depends on the model (GET /v1/models `columns`), which one schema for
+            # every model cannot say: a schema-valid record may still be a 422 there.
+            excluded.append(positive_data_acceptance)
+        case.call_and_validate(excluded_checks=excluded)
 
     call_and_validate()
 

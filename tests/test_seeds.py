@@ -95,3 +95,37 @@ def test_the_results_table_shows_each_group_as_mean_and_spread(tiny_models, tiny
     (group / "seed-8" / "metrics.json").unlink()
     with pytest.raises(NewstuneError, match="unfinished run"):
         write_seed_table([group], tmp_path / "out2")
+
+
+def test_a_seed_folder_without_a_checkpoint_is_kept_aside_and_retrained(tiny_models, tiny_data, tmp_path):
+    group, whole = train_seeds(tiny_recipe(tiny_models, tiny_data), 2, tmp_path / "group")
+    shutil.rmtree(group / "seed-8")
+    (group / "seed-8").mkdir()
+    (group / "seed-8" / "notes.txt").write_text("killed before its first checkpoint")
+    again = finish_seeds(group)
+    aside = list(group.glob("seed-8.incomplete-*"))
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "killed before its first checkpoint"
+    assert again["test"]["loss"]["values"] == pytest.approx(whole["test"]["loss"]["values"], abs=1e-6)
+
+
+def test_resuming_a_plain_run_as_a_group_is_one_clear_error(tiny_models, tiny_data, tmp_path):
+    from newstune.seeds import train_or_resume
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(NewstuneError, match="not a seed group"):
+        train_or_resume(None, 3, None, tmp_path / "run")
+
+
+def test_the_test_curve_logs_test_scores_that_no_choice_reads(tiny_models, tiny_data, tmp_path):
+    run_dir, metrics = train(validate(tiny_config(tiny_models["bert"], tiny_data, **{
+        "train.epochs": 3, "eval.test_curve": True, "eval.calibration": "none"})), tmp_path / "run")
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tests = [h for h in history if h["kind"] == "test"]
+    evals = [h for h in history if h["kind"] == "eval"]
+    assert [h["epoch"] for h in tests] == [0, 1, 2]
+    assert [h["train_seconds"] for h in tests] == [h["train_seconds"] for h in evals]
+    assert evals[0]["train_seconds"] < evals[1]["train_seconds"] < evals[2]["train_seconds"]
+    best = next(h for h in tests if h["epoch"] == metrics["best_epoch"])
+    assert best["accuracy"] == pytest.approx(metrics["test"]["accuracy"]), "the best epoch's weights are the run's"
+    with pytest.raises(NewstuneError, match="test_curve"):
+        validate(tiny_config(tiny_models["bert"], tiny_data, **{"eval.test_curve": True, "eval.test": False}))

@@ -38,7 +38,7 @@ def test_models_show_names_not_server_paths(tiny_models, tmp_path):
     with TestClient(app) as client:
         response = client.get("/v1/models")
     assert response.json() == [{"name": "topics", "labels": LABELS, "threshold": None, "multi_label": False,
-                                "columns": ["text"], "base_model": "bert", "run": "topics-2026",
+                                "columns": ["text"], "optional_columns": [], "base_model": "bert", "run": "topics-2026",
                                 "backend": "torch-fp32"}]
     assert str(tmp_path) not in response.text and str(tiny_models["bert"]) not in response.text
 
@@ -195,7 +195,8 @@ def test_records_are_built_into_text_as_training_built_them(tiny_models):
     text = ("Taxes went up. Speaker: jane doe. History (15 rated): barely true 1 (7%), false 2 (13%), "
             "half true 3 (20%), mostly true 4 (27%), pants fire 5 (33%).")
     with TestClient(create_app({"liar": served})) as client:
-        assert client.get("/v1/models").json()[0]["columns"] == ["statement", *counts]
+        info = client.get("/v1/models").json()[0]
+        assert info["columns"] == ["statement", *counts] and info["optional_columns"] == ["speaker"]
         by_record = client.post("/v1/classify-records", json={"model": "liar", "records": [record]})
         by_text = client.post("/v1/classify", json={"model": "liar", "texts": [text]})
         assert by_record.status_code == 200 and by_record.json() == by_text.json()

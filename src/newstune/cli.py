@@ -93,8 +93,7 @@ def train(
     if seeds != 1 or (resume is not None and seed_groups.is_seed_group(resume)):
         if engine == "ray" or stop_after_steps is not None:
             raise NewstuneError("--seeds runs locally to the end; drop --engine ray / --stop-after-steps")
-        group, summary = (seed_groups.train_seeds(recipe, seeds, output_dir) if resume is None
-                          else seed_groups.resume_seeds(resume))
+        group, summary = seed_groups.train_or_resume(recipe, seeds, output_dir, resume)
         show_seed_summary(summary, str(group))
         typer.echo(str(group))
         return

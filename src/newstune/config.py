@@ -192,6 +192,13 @@ class RunConfig(_Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @model_validator(mode="after")
+    def _test_curve_needs_test(self) -> RunConfig:
+        if self.eval.test_curve and not self.eval.test:
+            raise ValueError("eval.test_curve scores the test split, which eval.test: false keeps out (sweeps); "
+                             "drop one of them")
+        return self
+
+    @model_validator(mode="after")
     def _cache_needs_frozen_lower_layers(self) -> RunConfig:
         if self.train.cache_frozen_layers:
             if self.lora.method != "lora" or self.lora.top_layers is None:

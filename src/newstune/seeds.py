@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from newstune.config import RunConfig, dump_config, validate
-from newstune.errors import NewstuneError
-from newstune.run import CONFIG_FILE, METRICS_FILE, check_new_run_dir, planned_run_dir, read_metrics, write_atomically
-from newstune.train import resume, train
+from newstune.errors import Interrupted, NewstuneError
+from newstune.run import METRICS_FILE, check_new_run_dir, planned_run_dir, read_metrics, write_atomically
+from newstune.train import CHECKPOINT, resume, train
 
 GROUP_FILE = "seeds.yaml"  # the recipe and its seeds: marks a folder as a seed group, not a run
 SUMMARY_FILE = "seeds.json"
@@ -37,9 +38,17 @@ def train_seeds(config: RunConfig, seeds: int, output_dir: Path | None = None) -
     return group, finish_seeds(group)
 
 
-def resume_seeds(group: Path) -> tuple[Path, dict]:
-    """Finishes an interrupted group: resumes the unfinished seed run, trains the ones not started."""
-    return group, finish_seeds(group)
+def train_or_resume(config: RunConfig | None, seeds: int, output_dir: Path | None,
+                    resume_dir: Path | None) -> tuple[Path, dict]:
+    """`train --seeds N` (a new group) or `train --resume GROUP` (finish one)."""
+    if resume_dir is None:
+        return train_seeds(config, seeds, output_dir)
+    if not is_seed_group(resume_dir):
+        raise NewstuneError(f"{resume_dir} is not a seed group (no {GROUP_FILE}); resume a single run without --seeds")
+    planned = yaml.safe_load((resume_dir / GROUP_FILE).read_text())["seeds"]
+    if seeds not in (1, len(planned)):
+        raise NewstuneError(f"{resume_dir} was started with {len(planned)} seeds; drop --seeds to finish it")
+    return resume_dir, finish_seeds(resume_dir)
 
 
 def is_seed_group(path: Path) -> bool:
@@ -58,12 +67,18 @@ def finish_seeds(group: Path) -> dict:
         run_dir = seed_run_dir(group, seed)
         if (run_dir / METRICS_FILE).is_file():
             continue
-        if (run_dir / CONFIG_FILE).is_file():
-            resume(run_dir)
-            continue
-        config = validate(spec["recipe"], str(group / GROUP_FILE))
-        config.train.seed = seed
-        train(config, run_dir)
+        try:
+            if (run_dir / CHECKPOINT).is_file():
+                resume(run_dir)
+                continue
+            if run_dir.exists():  # stopped before its first checkpoint: kept aside, never deleted
+                run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+            config = validate(spec["recipe"], str(group / GROUP_FILE))
+            config.train.seed = seed
+            train(config, run_dir)
+        except Interrupted:
+            raise Interrupted(f"interrupted in {run_dir.name}; continue the group with: newstune train --resume "
+                              f"{group}") from None
     summary = summarize(group_runs(group))
     write_atomically(group / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
@@ -72,10 +87,15 @@ def finish_seeds(group: Path) -> dict:
 def summarize(run_dirs: list[Path]) -> dict:
     """Mean, sample standard deviation and per-seed values of each split figure, class recall and speed figure."""
     metrics = [read_metrics(run_dir) for run_dir in run_dirs]
+    labels = [sorted(m.get("test", m.get("validation", {})).get("per_class", {})) for m in metrics]
+    for run_dir, run_labels in zip(run_dirs, labels):
+        if run_labels != labels[0]:
+            raise NewstuneError(f"{run_dir} has other classes than {run_dirs[0]}; summarise runs of one recipe")
     summary: dict = {"runs": [str(run_dir) for run_dir in run_dirs], "n": len(run_dirs)}
     for split in ("validation", "test"):
         if all(split in m for m in metrics):
-            figures = {name: spread([m[split][name] for m in metrics]) for name in SPLIT_FIGURES}
+            figures = {name: spread([m[split][name] for m in metrics]) for name in SPLIT_FIGURES
+                       if all(name in m[split] for m in metrics)}
             classes = metrics[0][split].get("per_class", {})
             figures["recall_per_class"] = {label: spread([m[split]["per_class"][label]["recall"] for m in metrics])
                                            for label in classes}
@@ -97,7 +117,7 @@ def summary_rows(summary: dict) -> list[list[str]]:
     rows = []
     for split in ("validation", "test"):
         for name in SPLIT_FIGURES:
-            if split in summary:
+            if name in summary.get(split, {}):
                 rows.append([split, name, *_cells(summary[split][name])])
     for name, figure in summary["efficiency"].items():
         rows.append(["train", name, *_cells(figure)])

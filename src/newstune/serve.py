@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from newstune import decisions
 from newstune.backends import Scorer
 from newstune.config import CleanConfig, DataConfig
-from newstune.data.registry import input_columns, record_input_text
+from newstune.data.registry import input_columns, optional_input_columns, record_input_text
 from newstune.data.text import clean_text
 from newstune.decisions import Decision
 from newstune.errors import NewstuneError
@@ -229,6 +229,8 @@ class ServedInfo(BaseModel):
     run: str = Field(description="The run's folder name (never its path on the server).")
     backend: str = Field(description="What computes the logits: torch-bf16, torch-fp32, onnx-int8, openvino-int8, ...")
     columns: list[str] = Field(description="The columns a /v1/classify-records row needs.")
+    optional_columns: list[str] = Field(default_factory=list, description="Columns training also wrote into the "
+                                        "text (LIAR metadata): give them for predictions made as training saw rows.")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -264,7 +266,8 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
     def models() -> list[ServedInfo]:
         return [ServedInfo(name=m.name, labels=m.label_names, threshold=m.threshold, multi_label=m.decision.multi_label,
                            base_model=public_name(m.base_model), run=m.run_dir.name, backend=m.scorer.name,
-                           columns=input_columns(m.data) if m.data else ["text"])
+                           columns=input_columns(m.data) if m.data else ["text"],
+                           optional_columns=optional_input_columns(m.data) if m.data else [])
                 for m in served.values()]
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
@@ -317,7 +320,8 @@ def _name_models_in_schema(app: FastAPI, names: list[str]) -> None:
     def openapi() -> dict[str, Any]:
         schema = build()
         if names:
-            schema["components"]["schemas"]["ClassifyRequest"]["properties"]["model"]["enum"] = names
+            for request in ("ClassifyRequest", "ClassifyRecordsRequest"):
+                schema["components"]["schemas"][request]["properties"]["model"]["enum"] = names
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

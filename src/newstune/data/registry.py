@@ -184,6 +184,11 @@ def input_columns(config: DataConfig) -> list[str]:
     return list(config.text_columns)
 
 
+def optional_input_columns(config: DataConfig) -> list[str]:
+    """Columns training wrote into the text that a row to classify may leave out (LIAR's metadata)."""
+    return liar_fields(config) if config.name in ("liar", "liar_subjects") else []
+
+
 def record_input_text(record: dict, config: DataConfig) -> str:
     """A prediction row's text, uncleaned; a missing column or a bad value is a NewstuneError naming it."""
     missing = [c for c in input_columns(config) if c not in record or record[c] is None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 
 from newstune.errors import NewstuneError
@@ -36,9 +37,12 @@ def minus_own_rating(row: dict) -> dict:
 def training_records(records: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The speaker's ratings on training statements other than this one, never read from this one's label.
 
-    Validation and test rows get the whole training split's record. A training row gets the record of the other
-    folds (a fixed 5-way split by statement id): leaving out only the row itself would shift its own rating's
-    count by one, which a model learns to read as the label.
+    Validation and test rows get the whole training split's record: the same for every statement of a speaker,
+    whatever its label. A training row gets the record of the other 4 folds (a fixed 5-way split by statement id).
+    For a speaker with many statements the part left out mixes ratings; for one with few, each statement is often
+    alone in its fold, its record is then "all but this one", and within that speaker the record shifts with the
+    label. That shortcut exists in training only (evaluation records do not shift), so it can cost accuracy but
+    cannot inflate a validation or test figure.
     """
     per_fold: dict[str, list[Counter]] = defaultdict(lambda: [Counter() for _ in range(FOLDS)])
     for row in records["train"]:
@@ -76,16 +80,16 @@ def credit_text(counts: dict[str, int]) -> str:
     return f"History ({total} rated): {', '.join(items)}."
 
 
-def credit_count(value: object) -> int:
+def credit_count(value: object, column: str = "count") -> int:
     """A credit-history count from a file cell: empty means 0; anything but a whole number >= 0 is an error."""
     text = str(value).strip() if value is not None else ""
-    if text in ("", "nan", "None"):
+    if not text:
         return 0
     try:
         number = float(text)
     except ValueError:
         number = -1.0
-    if number < 0 or number != int(number):
-        raise NewstuneError(f"LIAR credit-history count '{text}' is not a whole number >= 0; "
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise NewstuneError(f"LIAR credit-history {column} '{text[:40]}' is not a whole number >= 0; "
                             f"give the speaker's counts ({', '.join(LIAR_CREDIT_FIELDS)}) as integers")
     return int(number)

@@ -91,6 +91,5 @@ def textualize_liar(row: dict[str, str], fields: list[str], credit_history: bool
         if value:
             parts.append(f"{LIAR_FIELD_TITLES[field]}: {value}.")
     if credit_history:
-        parts.append(credit_text({name: credit_count(row[name]) for name in LIAR_CREDIT_FIELDS}))
+        parts.append(credit_text({name: credit_count(row[name], name) for name in LIAR_CREDIT_FIELDS}))
     return " ".join(parts)
-
