@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from newstune.errors import NewstuneError
-from newstune.run import read_config, require_run
-from newstune.seeds import group_runs, is_seed_group, summarize
+from newstune.run import METRICS_FILE, read_config, read_metrics, require_run
+from newstune.seeds import group_runs, is_seed_group, mean_spread, summarize
 from newstune.tables import markdown_table
 
 HEADER = ["run", "dataset", "model", "method", "seeds", "test accuracy", "test macro-F1", "validation macro-F1",
@@ -17,13 +17,13 @@ HEADER = ["run", "dataset", "model", "method", "seeds", "test accuracy", "test m
 def seed_row(path: Path) -> dict:
     """A group's (or a single run's) configuration and the mean and spread of its figures."""
     runs = group_runs(path) if is_seed_group(path) else [require_run(path)]
-    unfinished = [str(run) for run in runs if not (run / "metrics.json").is_file()]
+    unfinished = [str(run) for run in runs if not (run / METRICS_FILE).is_file()]
     if unfinished:
         raise NewstuneError(f"{path}: unfinished run(s) {unfinished}; finish them with newstune train --resume "
                             f"{path}")
     config = read_config(runs[0])
     summary = summarize(runs)
-    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    metrics = read_metrics(runs[0])
     lora = config.lora
     method = "full" if lora.method != "lora" else (
         f"LoRA r={lora.r} {','.join(lora.target_modules or ['qv'])}"
@@ -34,13 +34,6 @@ def seed_row(path: Path) -> dict:
             "seeds": [read_config(run).train.seed for run in runs], "summary": summary,
             "trainable_params": metrics["efficiency"]["trainable_params"],
             "precision": metrics["efficiency"]["precision"], "leaky": summary["leaky"]}
-
-
-def mean_spread(figure: dict | None, scale: float = 1.0, digits: int = 4) -> str:
-    if figure is None:
-        return "-"
-    mean, std = figure["mean"] * scale, figure["std"] * scale
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(figure["values"]) > 1 else f"{mean:.{digits}f}"
 
 
 def cells(row: dict) -> list[str]:

@@ -126,5 +126,12 @@ def summary_rows(summary: dict) -> list[list[str]]:
 
 def _cells(figure: dict) -> list[str]:
     digits = 4 if abs(figure["mean"]) < 10 else 1
-    return [f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}",
-            " ".join(f"{v:.{digits}f}" for v in figure["values"])]
+    return [mean_spread(figure, digits=digits), " ".join(f"{v:.{digits}f}" for v in figure["values"])]
+
+
+def mean_spread(figure: dict | None, scale: float = 1.0, digits: int = 4) -> str:
+    """'mean ± std' of a spread() figure ('-' when absent; no spread for one value)."""
+    if figure is None:
+        return "-"
+    mean, std = figure["mean"] * scale, figure["std"] * scale
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(figure["values"]) > 1 else f"{mean:.{digits}f}"

@@ -111,7 +111,6 @@ def read_liar(path: Path) -> pd.DataFrame:
 
 
 def load_liar(config: DataConfig, folder: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
-    check_liar_fields(config)
     records = {split: read_liar(find_file(folder, [name], f"LIAR {split}")).to_dict("records")
                for split, name in (("train", "train.tsv"), ("validation", "valid.tsv"), ("test", "test.tsv"))}
     return liar_rows(records, config), (["fake", "true"] if config.labels == "binary" else list(LIAR_SIX))
@@ -129,6 +128,7 @@ def check_liar_fields(config: DataConfig) -> None:
 
 def liar_rows(records: dict[str, list[dict]], config: DataConfig) -> dict[str, list[tuple[str, str]]]:
     """(text, label) per split from LIAR rows whose 'label' is the six-way rating."""
+    check_liar_fields(config)
     records = with_speaker_records(records, config.credit_history)
     with_history = config.credit_history != "off"
     rows = {}
@@ -270,7 +270,6 @@ def hub_rows(config: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], list
                             HUFFPOST_MERGES.get(r["category"], r["category"]) if config.merge_categories
                             else r["category"]) for r in part]
     if liar_records:
-        check_liar_fields(config)
         rows = liar_rows(liar_records, config)
     label_names = {"ag_news": list(AG_NEWS_CLASSES), "huffpost": None,
                    "liar": ["fake", "true"] if config.labels == "binary" else list(LIAR_SIX)}[config.name]
