@@ -130,6 +130,32 @@ def test_loss_values_are_pinned_also_after_resume(tiny_models, tiny_data, tmp_pa
     np.testing.assert_allclose(resumed, PINNED_LOSSES, rtol=1e-3)
 
 
+def test_evaluations_every_n_steps_leave_training_unchanged(tiny_models, tiny_data, tmp_path):
+    overrides = {"train.epochs": 2, "train.metric": "loss", "eval.calibration": "none"}
+    plain_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, "plain", **overrides)
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **overrides, **{"train.eval_every_steps": 12})
+    history = metrics_history(run_dir)
+    evals = [r for r in history if r["kind"] == "eval"]
+    # 30 steps an epoch: every 12th step, and the end of epoch 0; epoch 1 ends on step 60, evaluated once
+    assert [r["step"] for r in evals] == [12, 24, 30, 36, 48, 60]
+    assert all(a["train_seconds"] < b["train_seconds"] for a, b in zip(evals, evals[1:]))
+    # the RNG and the training mode untouched by each evaluation: the same losses as without them
+    np.testing.assert_allclose([r["loss"] for r in history if r["kind"] == "train"],
+                               [r["loss"] for r in metrics_history(plain_dir) if r["kind"] == "train"], rtol=1e-5)
+    best = min(evals, key=lambda r: r["loss"])
+    assert metrics["best_step"] == best["step"]
+    assert metrics["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
+
+
+def test_early_stopping_inside_an_epoch(tiny_models, tiny_data, tmp_path):
+    run_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, **{
+        "train.epochs": 6, "train.lr": 1e-7, "train.early_stopping_patience": 1, "train.metric": "accuracy",
+        "train.eval_every_steps": 10, "train.log_every_steps": 1})
+    history = metrics_history(run_dir)
+    assert [r["step"] for r in history if r["kind"] == "eval"] == [10, 20]
+    assert max(r["step"] for r in history if r["kind"] == "train") == 20
+
+
 def test_resume_matches_uninterrupted(tiny_models, tiny_data, tmp_path):
     _, full = run_tiny(tiny_models, tiny_data, tmp_path, "full", **{"train.checkpoint_every_steps": 4})
     config = validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.checkpoint_every_steps": 4}))

@@ -144,6 +144,9 @@ class TrainSettings(_Section):
     fast_dropout: bool = Field(True, description="CPU: dropout masks from 16-bit random slices (~3x faster "
                                "mask generation; p exact to 1/65536). GPUs keep torch's fused dropout.")
     eval_every_epoch: bool = True
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Also evaluate validation every N optimizer steps (time-to-accuracy curves, "
+        "model selection and early stopping inside long epochs).")
     metric: Literal["accuracy", "macro_f1", "loss"] = Field("macro_f1", description="Model selection metric.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Evaluations without improvement.")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint mid-epoch.")

@@ -135,6 +135,8 @@ class TrainState:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_step: int | None = None
+    last_eval_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -163,6 +165,7 @@ class Trainer:
         self.pending_rng: tuple[dict, dict] | None = None
         self.stop_requested = threading.Event()
         self.interrupted = False
+        self.stop_early = False
         self.tokens_on_device: torch.Tensor | None = None  # non-padding tokens not yet added to state.tokens
 
     # ------------------------------------------------------------ setup
@@ -304,8 +307,9 @@ class Trainer:
         return classification_metrics(labels, logits.numpy(), self.label_names, decision or self.decision), logits
 
     def _evaluate_epoch(self, epoch: int) -> bool:
-        """Validation metrics after an epoch; keeps the best weights; returns True when training should stop."""
+        """Validation metrics at this step; keeps the best weights; returns True when training should stop."""
         cfg = self.config.train
+        self.state.last_eval_step = self.state.global_step
         if self.accelerator.is_main_process:
             metrics, _ = self.evaluate_split("validation")
             record = {"kind": "eval", "epoch": epoch, "step": self.state.global_step,
@@ -318,6 +322,7 @@ class Trainer:
             score = -metrics["loss"] if cfg.metric == "loss" else metrics[cfg.metric]
             if self.state.best_metric is None or score > self.state.best_metric:
                 self.state.best_metric, self.state.best_epoch = score, epoch
+                self.state.best_step = self.state.global_step
                 self.state.evals_without_improvement = 0
                 save_weights(self.run_dir / BEST_WEIGHTS, trainable_state(self.accelerator.unwrap_model(self.model)))
             else:
@@ -359,7 +364,9 @@ class Trainer:
                 if not self._train_epoch(bar, stop_after_steps):
                     finished = False
                     break
-                stop = cfg.eval_every_epoch and self._evaluate_epoch(self.state.epoch)
+                evaluated_here = self.state.last_eval_step == self.state.global_step
+                stop = self.stop_early or (cfg.eval_every_epoch and not evaluated_here
+                                           and self._evaluate_epoch(self.state.epoch))
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
                 self._save_checkpoint()
@@ -432,6 +439,12 @@ class Trainer:
                 self._add_time(start)
                 start = time.perf_counter()
                 self._save_checkpoint()
+            if cfg.eval_every_steps and self.state.global_step % cfg.eval_every_steps == 0:
+                self._add_time(start)
+                self.stop_early = self._evaluate_epoch(self.state.epoch)
+                start = time.perf_counter()
+                if self.stop_early:
+                    break
             if self.stop_requested.is_set() or (stop_after_steps is not None
                                                  and self.state.global_step >= stop_after_steps):
                 self.interrupted = self.stop_requested.is_set()
@@ -521,6 +534,7 @@ class Trainer:
                    "calibration": self._calibration(logits),
                    "efficiency": self._efficiency(model, final_split, eval_seconds),
                    "data": self._data_info(), "best_epoch": self.state.best_epoch,
+                   "best_step": self.state.best_step,
                    "leaky": bool(self.bundle.info.get("leaky", False))}
         metrics.update(self._extra_evaluations(model))
         write_decision(self.run_dir, self.decision)
