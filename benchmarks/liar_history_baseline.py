@@ -23,17 +23,11 @@ from sklearn.metrics import f1_score
 
 from newstune.config import DataConfig
 from newstune.data.registry import LIAR_BINARY, find_file, liar_rows, read_liar
-from newstune.data.speaker_record import LIAR_CREDIT_FIELDS, credit_count, with_speaker_records
+from newstune.data.speaker_record import record_numbers, with_speaker_records
 from newstune.evaluate import tune_threshold
 
 MODES = ("off", "train_record", "exclude_self", "raw")
 C_GRID = (0.25, 1.0, 4.0)
-
-
-def record_features(rows: list[dict]) -> np.ndarray:
-    counts = np.array([[credit_count(row[field]) for field in LIAR_CREDIT_FIELDS] for row in rows], dtype=float)
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.hstack([counts / np.maximum(totals, 1), np.log1p(totals)])
 
 
 def best_on_validation(train_x, train_y, valid_x, valid_y) -> tuple[LogisticRegression, float]:
@@ -72,7 +66,7 @@ def main() -> None:
                                               labels["validation"])
         row["tfidf_text"] = test_f1(model, threshold, tfidf["test"], labels["test"])
         if mode != "off":
-            records = {split: record_features(rows) for split, rows in with_speaker_records(raw, mode).items()}
+            records = {split: record_numbers(rows) for split, rows in with_speaker_records(raw, mode).items()}
             model, threshold = best_on_validation(records["train"], labels["train"], records["validation"],
                                                   labels["validation"])
             row["record_only"] = test_f1(model, threshold, records["test"], labels["test"])

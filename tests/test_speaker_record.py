@@ -2,11 +2,19 @@ import re
 import warnings
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 
 from newstune.config import DataConfig
 from newstune.data.registry import load_dataset, record_text
-from newstune.data.speaker_record import FOLDS, LIAR_CREDIT_FIELDS, credit_count, fold_of, with_speaker_records
+from newstune.data.speaker_record import (
+    FOLDS,
+    LIAR_CREDIT_FIELDS,
+    credit_count,
+    fold_of,
+    record_numbers,
+    with_speaker_records,
+)
 from newstune.errors import NewstuneError
 
 from .conftest import SHARED_DATA, needs_shared_data
@@ -109,3 +117,11 @@ def test_only_the_training_record_is_leak_free_on_liar():
     assert "leaky" not in bundles["train_record"].info
     assert all(field.removesuffix("_count").replace("_", " ") in bundles["train_record"].splits["test"].texts[0]
                for field in LIAR_CREDIT_FIELDS)
+
+
+def test_record_numbers_are_shares_in_field_order_and_the_log_total():
+    numbers = record_numbers([row(1, "false"), row(2, "true", **dict.fromkeys(COUNTS, "0"))])
+    np.testing.assert_allclose(numbers[0], [1 / 15, 2 / 15, 3 / 15, 4 / 15, 5 / 15, np.log(16)])
+    np.testing.assert_allclose(numbers[1], [0, 0, 0, 0, 0, 0])  # no record: no shares, not a division by zero
+    with pytest.raises(NewstuneError, match="false_count"):
+        record_numbers([row(3, "false", false_count="2.5")])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
+import numpy as np
+
 from newstune.errors import NewstuneError
 
 # Modes whose record carries the statement's own label. exclude_self is one of them on LIAR: a speaker's five
@@ -68,6 +70,13 @@ def speaker_key(row: dict) -> str:
 def fold_of(row: dict) -> int:
     digits = "".join(ch for ch in str(row.get("id", "")).split(".")[0] if ch.isdigit())
     return int(digits) % FOLDS if digits else sum(map(ord, str(row.get("statement", "")))) % FOLDS
+
+
+def record_numbers(rows: list[dict]) -> np.ndarray:
+    """The record as numbers, one row per statement: the five shares and log(1 + rated statements)."""
+    counts = np.array([[credit_count(row[field], field) for field in LIAR_CREDIT_FIELDS] for row in rows], dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.hstack([counts / np.maximum(totals, 1), np.log1p(totals)]).reshape(len(rows), len(LIAR_CREDIT_FIELDS) + 1)
 
 
 def credit_text(counts: dict[str, int]) -> str:
