@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from newstune.checkpoint import load_weights
 from newstune.config import validate
 from newstune.errors import NewstuneError
 from newstune.fast_dropout import FastDropout
@@ -16,7 +18,7 @@ from newstune.frozen_prefix import encoder_model
 from newstune.infer import predict_logits
 from newstune.report import evaluate_run
 from newstune.run import load_run, write_run_header
-from newstune.train import Trainer, resolve_precision, resume, train
+from newstune.train import CHECKPOINT, Trainer, resolve_precision, resume, train
 
 from .conftest import tiny_config
 
@@ -130,10 +132,23 @@ def test_loss_values_are_pinned_also_after_resume(tiny_models, tiny_data, tmp_pa
     np.testing.assert_allclose(resumed, PINNED_LOSSES, rtol=1e-3)
 
 
-def test_evaluations_every_n_steps_leave_training_unchanged(tiny_models, tiny_data, tmp_path):
-    overrides = {"train.epochs": 2, "train.metric": "loss", "eval.calibration": "none"}
+def test_evaluations_every_n_steps_leave_training_unchanged(tiny_models, tiny_data, tmp_path, monkeypatch):
+    # A constant lr makes validation loss bounce: the best evaluation (step 36) is not at an epoch's end.
+    overrides = {"train.epochs": 2, "train.lr": 0.05, "train.scheduler": "constant", "train.warmup_ratio": 0.0,
+                 "train.metric": "loss", "eval.calibration": "none"}
     plain_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, "plain", **overrides)
+    # each evaluation moves the clock an hour on: evaluation time must stay out of train_seconds
+    hours = {"passed": 0.0}
+    real_clock, real_evaluate = time.perf_counter, Trainer.evaluate_split
+
+    def slow_evaluate(self, *args, **kwargs):
+        hours["passed"] += 3600.0
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + hours["passed"])
+    monkeypatch.setattr(Trainer, "evaluate_split", slow_evaluate)
     run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **overrides, **{"train.eval_every_steps": 12})
+    assert metrics["efficiency"]["train_seconds"] < 600
     history = metrics_history(run_dir)
     evals = [r for r in history if r["kind"] == "eval"]
     # 30 steps an epoch: every 12th step, and the end of epoch 0; epoch 1 ends on step 60, evaluated once
@@ -143,17 +158,35 @@ def test_evaluations_every_n_steps_leave_training_unchanged(tiny_models, tiny_da
     np.testing.assert_allclose([r["loss"] for r in history if r["kind"] == "train"],
                                [r["loss"] for r in metrics_history(plain_dir) if r["kind"] == "train"], rtol=1e-5)
     best = min(evals, key=lambda r: r["loss"])
+    assert best["step"] % 30 != 0, "precondition: the best evaluation is inside an epoch"
     assert metrics["best_step"] == best["step"]
     assert metrics["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
 
 
+def test_a_checkpoint_holds_the_evaluation_of_its_step(tiny_models, tiny_data, tmp_path, monkeypatch):
+    saved = []
+    real_save = Trainer._save_checkpoint
+
+    def recording_save(self):
+        saved.append((self.state.global_step, self.state.last_eval_step))
+        real_save(self)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", recording_save)
+    run_tiny(tiny_models, tiny_data, tmp_path, **{"train.epochs": 1, "train.eval_every_steps": 12,
+                                                 "train.checkpoint_every_steps": 12})
+    assert saved == [(12, 12), (24, 24), (30, 30)]
+
+
 def test_early_stopping_inside_an_epoch(tiny_models, tiny_data, tmp_path):
-    run_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, **{
+    run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{
         "train.epochs": 6, "train.lr": 1e-7, "train.early_stopping_patience": 1, "train.metric": "accuracy",
         "train.eval_every_steps": 10, "train.log_every_steps": 1})
     history = metrics_history(run_dir)
     assert [r["step"] for r in history if r["kind"] == "eval"] == [10, 20]
     assert max(r["step"] for r in history if r["kind"] == "train") == 20
+    assert metrics["efficiency"]["epochs_run"] == pytest.approx(20 / 30, abs=0.01)
+    _, meta = load_weights(run_dir / CHECKPOINT)
+    assert meta["state"]["stopped_early"], "a resume from this checkpoint must not train on"
 
 
 def test_resume_matches_uninterrupted(tiny_models, tiny_data, tmp_path):

@@ -178,7 +178,7 @@ class EvalSettings(_Section):
                                   "tuned on validation for macro-F1.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
-    test_curve: bool = Field(False, description="Also evaluate the test split after every epoch, logged as "
+    test_curve: bool = Field(False, description="Also evaluate the test split at each validation evaluation, logged as "
                              "kind 'test' in metrics.jsonl for time-to-accuracy curves; no choice reads it.")
     extra: list[ExtraEvalSet] = Field(default_factory=list, description="Extra labelled sets (OOD) to evaluate.")
 

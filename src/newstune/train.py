@@ -137,6 +137,7 @@ class TrainState:
     best_epoch: int | None = None
     best_step: int | None = None
     last_eval_step: int | None = None
+    stopped_early: bool = False
     evals_without_improvement: int = 0
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -165,7 +166,6 @@ class Trainer:
         self.pending_rng: tuple[dict, dict] | None = None
         self.stop_requested = threading.Event()
         self.interrupted = False
-        self.stop_early = False
         self.tokens_on_device: torch.Tensor | None = None  # non-padding tokens not yet added to state.tokens
 
     # ------------------------------------------------------------ setup
@@ -332,7 +332,8 @@ class Trainer:
                 log.info("early stopping: %s has not improved for %d evaluation(s)", cfg.metric, patience)
                 self.accelerator.set_trigger()
         self.accelerator.wait_for_everyone()
-        return self.accelerator.check_trigger()
+        self.state.stopped_early = self.accelerator.check_trigger()
+        return self.state.stopped_early
 
     # ------------------------------------------------------------ training
 
@@ -360,20 +361,19 @@ class Trainer:
         n_epochs = math.ceil(cfg.epochs)
         finished = True
         with self._stop_on_signals():
-            while self.state.epoch < n_epochs and self.state.global_step < self.total_steps:
+            # an early stop is part of the saved state: a resume after it does not train on
+            while (not self.state.stopped_early and self.state.epoch < n_epochs
+                   and self.state.global_step < self.total_steps):
                 if not self._train_epoch(bar, stop_after_steps):
                     finished = False
                     break
-                evaluated_here = self.state.last_eval_step == self.state.global_step
-                stop = self.stop_early or (cfg.eval_every_epoch and not evaluated_here
-                                           and self._evaluate_epoch(self.state.epoch))
+                if cfg.eval_every_epoch and self.state.last_eval_step != self.state.global_step:
+                    self._evaluate_epoch(self.state.epoch)
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
                 self._save_checkpoint()
-                if self.stop_requested.is_set():
+                if self.stop_requested.is_set() and not self.state.stopped_early:
                     self.interrupted, finished = True, False
-                    break
-                if stop:
                     break
         bar.close()
         if self.writer is not None:
@@ -435,16 +435,17 @@ class Trainer:
                     self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 window_loss, window_steps = torch.zeros_like(window_loss), 0
+            # evaluate before checkpointing: a checkpoint at step N holds step N's evaluation
+            if cfg.eval_every_steps and self.state.global_step % cfg.eval_every_steps == 0:
+                self._add_time(start)
+                stopped = self._evaluate_epoch(self.state.epoch)
+                start = time.perf_counter()  # evaluation time is not training time
+                if stopped:
+                    break  # fit saves the checkpoint
             if cfg.checkpoint_every_steps and self.state.global_step % cfg.checkpoint_every_steps == 0:
                 self._add_time(start)
                 start = time.perf_counter()
                 self._save_checkpoint()
-            if cfg.eval_every_steps and self.state.global_step % cfg.eval_every_steps == 0:
-                self._add_time(start)
-                self.stop_early = self._evaluate_epoch(self.state.epoch)
-                start = time.perf_counter()
-                if self.stop_early:
-                    break
             if self.stop_requested.is_set() or (stop_after_steps is not None
                                                  and self.state.global_step >= stop_after_steps):
                 self.interrupted = self.stop_requested.is_set()
@@ -455,7 +456,8 @@ class Trainer:
                 break
         self._add_time(start)
         self._sync_token_count()
-        self.state.epoch_seconds.append(self.state.train_seconds - self.state.epoch_started_at)
+        if self.state.step_in_epoch == self.steps_per_epoch:  # a partial epoch (early stop, fractional) has no time
+            self.state.epoch_seconds.append(self.state.train_seconds - self.state.epoch_started_at)
         return True
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -583,7 +585,7 @@ class Trainer:
             "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
             "fast_dropout": self.fast_dropout,
             "threads": self.threads, "num_processes": self.accelerator.num_processes,
-            "epochs_run": len(s.epoch_seconds), "optimizer_steps": s.global_step,
+            "epochs_run": round(s.global_step / self.steps_per_epoch, 2), "optimizer_steps": s.global_step,
             "train_seconds": s.train_seconds,
             "epoch_seconds_mean": float(np.mean(s.epoch_seconds)) if s.epoch_seconds else s.train_seconds,
             "train_samples_per_s": s.samples * self.accelerator.num_processes / max(s.train_seconds, 1e-9),
