@@ -53,8 +53,8 @@ def recipe(model: str, contender: str, curve_rows: int, seed: int, train_rows: i
     return config
 
 
-def steps_between_evaluations(train_rows: int, batch_size: int, evals_per_epoch: int) -> int:
-    return max(1, -(-train_rows // batch_size) // evals_per_epoch)
+def steps_between_evaluations(steps_per_epoch: int, evals_per_epoch: int) -> int:
+    return max(1, steps_per_epoch // evals_per_epoch)
 
 
 # ---------------------------------------------------------------- contenders (each runs in a subprocess)
@@ -68,8 +68,7 @@ def run_newstune(config: dict, evals_per_epoch: int, out: Path) -> list[dict]:
     start = time.perf_counter()
     trainer = Trainer(validate(config), None)
     trainer.setup()
-    trainer.config.train.eval_every_steps = steps_between_evaluations(
-        len(trainer.bundle.splits["train"]), trainer.config.train.batch_size, evals_per_epoch)
+    trainer.config.train.eval_every_steps = steps_between_evaluations(trainer.steps_per_epoch, evals_per_epoch)
     trainer.run_dir = create_run_dir(out / "newstune")
     write_run_header(trainer.run_dir, trainer.config, trainer.label_names)
     # the loop's clock already holds the frozen-layer cache build; the rest of the setup is added to it
@@ -140,7 +139,7 @@ def run_hf(config: dict, evals_per_epoch: int, out: Path, precision: str) -> lis
         num_train_epochs=train_cfg.epochs,
         bf16=precision == "bf16", use_cpu=True, save_strategy="no", report_to=[], logging_steps=50,
         seed=train_cfg.seed, dataloader_num_workers=0, train_sampling_strategy="group_by_length",
-        eval_strategy="steps", eval_steps=steps_between_evaluations(len(train), train_cfg.batch_size, evals_per_epoch))
+        eval_strategy="steps", eval_steps=steps_between_evaluations(steps_per_epoch, evals_per_epoch))
     trainer = TimedTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=test,
         data_collator=DataCollatorWithPadding(tokenizer),
