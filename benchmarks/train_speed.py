@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py --mode quick     # MiniLM, 2,000 AG News rows, 5 seeds, ~25 minutes on 2 cores
     python benchmarks/train_speed.py --mode full      # MPNet-base, 1,000 rows (newstune models install mpnet)
+    python benchmarks/train_speed.py --ablation       # hf-expert, newstune, and newstune with one change off per row
 
 Contenders: hf-seed (the Trainer as a notebook uses it: pad to max_length, random batches), hf-expert (dynamic
 padding, group_by_length), newstune (identical work), and newstune-cached (LoRA only in the top layers with the
@@ -13,6 +14,9 @@ The same timing boundary for every contender: wall time from raw texts to a trai
 model loading, tokenization, LoRA wrapping, trainer/optimizer setup, the training loop and one checkpoint per epoch
 included; evaluation excluded (timed apart). The same precision for every contender: the machine's native one
 (`precision: auto` -- bf16 on CPUs with avx512_bf16/AMX, fp32 otherwise), printed with the CPU.
+With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
+optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights): what each change
+contributes is newstune's tokens/s over that row's.
 Reports median wall time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 as mean and standard deviation
 over the seeds, eval samples/s, and MFU = analytic FLOPs / the matmul peak measured in the same run and precision.
 """
@@ -40,6 +44,10 @@ MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000, "top_laye
          "full": {"model": "mpnet", "rows": 1000, "eval_rows": 500, "top_layers": 4}}
 LORA = {"r": 4, "alpha": 16, "dropout": 0.1, "targets": "qv"}
 CONTENDERS = ["hf-seed", "hf-expert", "newstune", "newstune-cached"]
+# One row per newstune optimisation: newstune's defaults with only that one switched off (train settings).
+ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
+             "newstune-no-fast-dropout": {"fast_dropout": False},
+             "newstune-no-bf16-weights": {"bf16_frozen_weights": False}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 
@@ -118,8 +126,10 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
             "predicted_counts": predicted, "model_config": model.config.to_dict()}
 
 
-def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, top_layers: int | None = None) -> dict:
-    """newstune's defaults; with top_layers, LoRA only there and the frozen lower layers cached (other work)."""
+def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, top_layers: int | None = None,
+                 switched_off: dict | None = None) -> dict:
+    """newstune's defaults; with top_layers, LoRA only there and the frozen lower layers cached (other work);
+    switched_off: train settings that undo one optimisation (an ablation row)."""
     from transformers import AutoConfig
 
     from newstune.config import validate
@@ -136,7 +146,7 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, 
         "train": {"epochs": HYPER["epochs"], "batch_size": HYPER["batch_size"], "lr": HYPER["lr"],
                   "weight_decay": HYPER["weight_decay"], "scheduler": "cosine", "precision": precision,
                   "seed": seed, "eval_every_epoch": False, "warmup_ratio": 0.0,
-                  "cache_frozen_layers": top_layers is not None},
+                  "cache_frozen_layers": top_layers is not None, **(switched_off or {})},
         "eval": {"latency_samples": 0}})
     start = time.perf_counter()  # the same boundary as run_hf: texts in, trained model out, evaluation apart
     trainer = Trainer(config, None)
@@ -170,7 +180,8 @@ def contender_main(args: argparse.Namespace) -> None:
         os.environ["NEWSTUNE_CACHE"] = str(Path(tmp) / "cache")  # no tokenization cache from an earlier round
         if args.contender.startswith("newstune"):
             top = mode["top_layers"] if args.contender == "newstune-cached" else None
-            result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, precision, top)
+            result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, precision, top,
+                                  ABLATIONS.get(args.contender))
         else:
             result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp),
                             args.seed, precision)
@@ -206,12 +217,43 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
             "all_train_seconds": [r["train_seconds"] for r in runs]}
 
 
+def ablation_contenders(precision: str) -> list[str]:
+    """bf16-held weights only exist in bf16: in fp32 that row would repeat newstune's."""
+    return ["hf-expert", "newstune", *(name for name in ABLATIONS
+                                       if precision == "bf16" or name != "newstune-no-bf16-weights")]
+
+
+def headline_ratios(by_name: dict[str, dict]) -> dict[str, float]:
+    ours, expert = by_name["newstune"], by_name["hf-expert"]
+    ratios = {"newstune_vs_hf_expert_tokens": ours["tokens_per_s"] / expert["tokens_per_s"]}
+    if "hf-seed" in by_name:
+        seed, cached = by_name["hf-seed"], by_name["newstune-cached"]
+        ratios |= {"newstune_vs_hf_seed_tokens": ours["tokens_per_s"] / seed["tokens_per_s"],
+                   "newstune_vs_hf_expert_rss": ours["peak_rss_mb"] / expert["peak_rss_mb"],
+                   "newstune_vs_hf_eval_throughput": ours["eval_samples_per_s"] / expert["eval_samples_per_s"],
+                   "newstune_cached_vs_hf_expert_tokens": cached["tokens_per_s"] / expert["tokens_per_s"],
+                   "newstune_cached_vs_hf_seed_tokens": cached["tokens_per_s"] / seed["tokens_per_s"]}
+    for name in ABLATIONS:
+        if name in by_name:  # > 1: the change speeds newstune up by this factor
+            ratios[name.removeprefix("newstune-no-").replace("-", "_") + "_speedup"] = (ours["tokens_per_s"]
+                                                                      / by_name[name]["tokens_per_s"])
+    return ratios
+
+
+def work_label(contender: str) -> str:
+    if contender == "newstune-cached":
+        return "different: lower layers cached"
+    if contender in ABLATIONS:
+        return "identical; ablation: " + ", ".join(f"{k}={v}" for k, v in ABLATIONS[contender].items())
+    return "identical"
+
+
 def driver_main(args: argparse.Namespace) -> None:
-    contenders = CONTENDERS
+    precision = resolve_precision("auto", "cpu")
+    contenders = ablation_contenders(precision) if args.ablation else CONTENDERS
     # Round i trains every contender with seed 42 + i: accuracies are means over seeds (one short epoch is noisy).
     order = [(c, HYPER["seed"] + i) for i in range(args.repeats)
              for c in (contenders if i % 2 == 0 else contenders[::-1])]
-    precision = resolve_precision("auto", "cpu")
     peak_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     peak_before = matmul_peak_tflops(peak_dtype)
     results: dict[str, list[dict]] = {c: [] for c in contenders}
@@ -226,16 +268,10 @@ def driver_main(args: argparse.Namespace) -> None:
     peak = max(peak_before, matmul_peak_tflops(peak_dtype))
     rows = [summarise(c, results[c], peak) for c in contenders]
     by_name = {r["contender"]: r for r in rows}
-    ours, cached = by_name["newstune"], by_name["newstune-cached"]
-    expert, seed = by_name["hf-expert"], by_name["hf-seed"]
-    ratios = {"newstune_vs_hf_expert_tokens": ours["tokens_per_s"] / expert["tokens_per_s"],
-              "newstune_vs_hf_seed_tokens": ours["tokens_per_s"] / seed["tokens_per_s"],
-              "newstune_vs_hf_expert_rss": ours["peak_rss_mb"] / expert["peak_rss_mb"],
-              "newstune_vs_hf_eval_throughput": ours["eval_samples_per_s"] / expert["eval_samples_per_s"],
-              "newstune_cached_vs_hf_expert_tokens": cached["tokens_per_s"] / expert["tokens_per_s"],
-              "newstune_cached_vs_hf_seed_tokens": cached["tokens_per_s"] / seed["tokens_per_s"]}
+    ours, expert = by_name["newstune"], by_name["hf-expert"]
+    ratios = headline_ratios(by_name)
     for row in rows:
-        row["work"] = "different: lower layers cached" if row["contender"] == "newstune-cached" else "identical"
+        row["work"] = work_label(row["contender"])
     table = markdown_table(rows, [("contender", "contender"), ("work", "work"), ("train_seconds", "train s"),
                                   ("tokens_per_s", "tokens/s (non-pad)"), ("samples_per_s", "samples/s"),
                                   ("padding_fraction", "padding"), ("peak_rss_mb", "peak RSS MB"),
@@ -251,7 +287,8 @@ def driver_main(args: argparse.Namespace) -> None:
               f"spread ({spread:.4f})")
     table += "\n\naccuracy by seed: " + "; ".join(
         f"{r['contender']} " + ", ".join(f"{s}: {a:.3f}" for s, a in r["accuracy_by_seed"].items()) for r in rows)
-    write_results(Path(args.out), f"train_speed_{args.mode}", {"machine": machine(), "mode": args.mode,
+    name = f"train_speed_{args.mode}" + ("_ablation" if args.ablation else "")
+    write_results(Path(args.out), name, {"machine": machine(), "mode": args.mode,
                   "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
                   "order": order, "precision": precision, "cpu": cpu_line()}, table)
     print(cpu_line())
@@ -265,8 +302,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=list(MODES), default="quick")
     parser.add_argument("--rows", type=int, default=None, help="training rows (default by mode)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of A B C D / D C B A, one seed each")
+    parser.add_argument("--ablation", action="store_true",
+                        help="hf-expert, newstune, and newstune with one optimisation off per row")
     parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--contender", choices=[*CONTENDERS, *ABLATIONS], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=HYPER["seed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
