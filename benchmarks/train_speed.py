@@ -15,7 +15,8 @@ model loading, tokenization, LoRA wrapping, trainer/optimizer setup, the trainin
 included; evaluation excluded (timed apart). The same precision for every contender: the machine's native one
 (`precision: auto` -- bf16 on CPUs with avx512_bf16/AMX, fp32 otherwise), printed with the CPU.
 With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
-optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights): what each change
+optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights, the last layer run
+for token 0 only): what each change
 contributes is newstune's tokens/s over that row's.
 Reports median wall time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 as mean and standard deviation
 over the seeds, eval samples/s, and MFU = analytic FLOPs / the matmul peak measured in the same run and precision.
@@ -47,7 +48,8 @@ CONTENDERS = ["hf-seed", "hf-expert", "newstune", "newstune-cached"]
 # One row per newstune optimisation: newstune's defaults with only that one switched off (train settings).
 ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
              "newstune-no-fast-dropout": {"fast_dropout": False},
-             "newstune-no-bf16-weights": {"bf16_frozen_weights": False}}
+             "newstune-no-bf16-weights": {"bf16_frozen_weights": False},
+             "newstune-no-first-token": {"first_token_last_layer": False}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 

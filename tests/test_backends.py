@@ -47,7 +47,10 @@ def fresh_run(run_dir, tmp_path):
 
 @pytest.mark.parametrize(("backend", "int8"), EXPORTS)
 def test_each_backend_export_matches_pytorch_on_validation(fresh_run, backend, int8):
-    checks = export_backend(fresh_run, backend, int8=int8)
+    # 60 validation rows: one flipped label moves macro-F1 by ~1.8 points, so the default 0.5-point gate passes or
+    # refuses a tiny model by chance (1 of 3 training seeds fails either way); the label agreement and logit bounds
+    # below are this test's check, and the gate's refusal is tested with a broken model further down.
+    checks = export_backend(fresh_run, backend, int8=int8, tolerance_points=2.0)
     folder = export_dir(fresh_run, backend, "int8" if int8 else "fp32")
     assert json.loads((folder / "export_checks.json").read_text()) == checks
     quality = checks["validation"]

@@ -264,7 +264,7 @@ def multi_label_run(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
     for name, n, seed in (("train.csv", 480, 1), ("valid.csv", 90, 2), ("test.csv", 90, 3)):
         write_csv(root / name, multi_label_rows(n, seed))
-    config = tiny_config(tiny_models["bert"], root, **{"train.epochs": 4})
+    config = tiny_config(tiny_models["bert"], root, **{"train.epochs": 10})
     config["data"]["multi_label"] = True
     config["train"]["class_weights"] = "auto"
     run_dir, metrics = train(validate(config), root / "run")

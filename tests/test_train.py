@@ -115,8 +115,9 @@ def metrics_history(run_dir: Path) -> list[dict]:
 
 
 # Training losses of the tiny BERT recipe (seed 7, fp32), logged every 5 steps in epoch 0. Pinned so that a
-# refactor that changes numerics (batch order, init, loss, optimizer, scheduler) cannot pass silently.
-PINNED_LOSSES = [1.11531, 1.1133, 1.13379, 1.10426, 1.10349, 1.08778]
+# refactor that changes numerics (batch order, init, loss, optimizer, scheduler) cannot pass silently. Re-pinned
+# when the last layer began computing token 0 only: its dropout masks have another shape, so the draws differ.
+PINNED_LOSSES = [1.11263, 1.10796, 1.13733, 1.10937, 1.10355, 1.09357]
 
 
 def test_loss_values_are_pinned_also_after_resume(tiny_models, tiny_data, tmp_path):
@@ -321,14 +322,15 @@ def test_fast_dropout_drops_p_and_rescales():
 
 
 def test_fast_dropout_trains_like_torch_dropout(tiny_models, tiny_data, tmp_path):
-    overrides = {"lora.dropout": 0.1, "train.epochs": 6, "eval.calibration": "none"}  # the model's own loss
+    overrides = {"lora.dropout": 0.1, "train.epochs": 8, "eval.calibration": "none"}  # the model's own loss
     _, fast = run_tiny(tiny_models, tiny_data, tmp_path, "fast", **overrides)
     _, plain = run_tiny(tiny_models, tiny_data, tmp_path, "plain", **overrides, **{"train.fast_dropout": False})
     assert fast["efficiency"]["fast_dropout"] and not plain["efficiency"]["fast_dropout"]
     # Different masks from the same distribution: the runs agree in outcome, not step by step. On this tiny task
-    # the seed-to-seed spread of the final validation loss is ~+-30% (0.23-0.41 over seeds 7-9, either dropout).
-    assert fast["validation"]["accuracy"] >= 0.9 and plain["validation"]["accuracy"] >= 0.9
-    assert fast["validation"]["loss"] == pytest.approx(plain["validation"]["loss"], rel=0.3)
+    # the final validation loss varies 0.07-0.49 from seed to seed with either dropout (8 seeds), so each run must
+    # learn the task (an untrained head's loss is ln 3 = 1.10), not match the other's loss.
+    for metrics in (fast, plain):
+        assert metrics["validation"]["accuracy"] >= 0.9 and metrics["validation"]["loss"] < 0.4
 
 
 def test_bf16_frozen_weights_follow_the_autocast_loss_curve(tiny_models, tiny_data, tmp_path):

@@ -143,6 +143,9 @@ class TrainSettings(_Section):
     group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
     fast_dropout: bool = Field(True, description="CPU: dropout masks from 16-bit random slices (~3x faster "
                                "mask generation; p exact to 1/65536). GPUs keep torch's fused dropout.")
+    first_token_last_layer: bool = Field(
+        True, description="Run the last encoder layer for token 0 only, the one position a BERT/RoBERTa/MPNet "
+        "classification head reads (same outputs, ~1/6 less compute for a 6-layer model); other models: ignored.")
     eval_every_epoch: bool = True
     eval_every_steps: int | None = Field(
         None, ge=1, description="Also evaluate validation every N optimizer steps (time-to-accuracy curves, "

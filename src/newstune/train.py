@@ -50,6 +50,7 @@ from newstune.evaluate import (
     plot_training_curves,
 )
 from newstune.fast_dropout import use_fast_dropout
+from newstune.first_token import run_last_layer_on_first_token
 from newstune.frozen_prefix import FrozenPrefix
 from newstune.infer import median_latency_ms, predict_logits
 from newstune.model import (
@@ -212,6 +213,9 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.scheduler)
         self.loss_fn.to(self.accelerator.device)
         self.prefix = self._frozen_prefix() if cfg.cache_frozen_layers else None
+        # after the prefix: its cache holds every token of the lower layers, and the last layer is never cached
+        self.first_token_only = cfg.first_token_last_layer and run_last_layer_on_first_token(
+            self.accelerator.unwrap_model(self.model))
         if self.resume:
             self._load_checkpoint()
 
@@ -583,7 +587,7 @@ class Trainer:
         n_eval = len(self.encoded[eval_split])
         figures = {
             "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
-            "fast_dropout": self.fast_dropout,
+            "fast_dropout": self.fast_dropout, "first_token_last_layer": self.first_token_only,
             "threads": self.threads, "num_processes": self.accelerator.num_processes,
             "epochs_run": round(s.global_step / self.steps_per_epoch, 2), "optimizer_steps": s.global_step,
             "train_seconds": s.train_seconds,

@@ -1,0 +1,89 @@
+"""The last encoder layer run for the first token only: the one position a sequence-classification head reads.
+
+BERT, RoBERTa and MPNet classifiers read the last layer's output at token 0 (the pooler or the classification
+head), yet the layer computes every token: its query projection, attention rows, output projection, LayerNorms and
+feed-forward block for all the others are thrown away. Keys and values still need every token; everything else needs
+only token 0. The result is the same up to floating-point rounding (dropout draws differ in shape, so a run is not
+bit-identical to the full layer when dropout is on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+# Heads that read only token 0 of the last hidden state.
+HEADS_READING_TOKEN_0 = frozenset({
+    "BertForSequenceClassification", "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+    "CamembertForSequenceClassification", "ElectraForSequenceClassification", "MPNetForSequenceClassification",
+})
+
+
+def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
+    """Make the last encoder layer compute token 0 only; False (and no change) for a model it does not know."""
+    task_model = model.get_base_model() if isinstance(model, PeftModel) else model
+    if type(task_model).__name__ not in HEADS_READING_TOKEN_0:
+        return False
+    layer = getattr(task_model, task_model.base_model_prefix).encoder.layer[-1]
+    if hasattr(layer.attention, "self") and task_model.config._attn_implementation in ("sdpa", "eager"):
+        layer.forward = _bert_layer_forward(layer)
+    elif hasattr(layer.attention, "attn"):
+        layer.forward = _mpnet_layer_forward(layer)
+    else:
+        return False
+    return True
+
+
+def _heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
+    """(batch, tokens, hidden) -> (batch, heads, tokens, head_size)"""
+    return x.view(x.shape[0], x.shape[1], -1, head_size).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def _first_query_row(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (batch, 1 or heads, queries, keys) mask or bias for the first query only."""
+    return None if mask is None else mask[:, :, :1]
+
+
+def _bert_layer_forward(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """BertLayer and its copies (RoBERTa, XLM-R, ELECTRA): attention.self, attention.output, intermediate, output."""
+    attention = layer.attention.self
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        first = hidden_states[:, :1]
+        size = attention.attention_head_size
+        context = F.scaled_dot_product_attention(
+            _heads(attention.query(first), size), _heads(attention.key(hidden_states), size),
+            _heads(attention.value(hidden_states), size), attn_mask=_first_query_row(attention_mask),
+            dropout_p=attention.dropout.p if attention.training else 0.0, scale=attention.scaling)
+        attention_output = layer.attention.output(_merge_heads(context), first)
+        return layer.output(layer.intermediate(attention_output), attention_output)
+
+    return forward
+
+
+def _mpnet_layer_forward(layer: torch.nn.Module) -> Callable[..., tuple[torch.Tensor]]:
+    """MPNetLayer: attention.attn (q, k, v, o) with the encoder's relative position bias added to the scores."""
+    attention = layer.attention.attn
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None, *args, **kwargs):
+        first = hidden_states[:, :1]
+        size = attention.attention_head_size
+        scores = _heads(attention.q(first), size) @ _heads(attention.k(hidden_states), size).transpose(-1, -2)
+        scores = scores / size**0.5
+        for bias in (_first_query_row(position_bias), _first_query_row(attention_mask)):
+            if bias is not None:
+                scores = scores + bias
+        probabilities = attention.dropout(torch.softmax(scores, dim=-1))
+        context = _merge_heads(probabilities @ _heads(attention.v(hidden_states), size))
+        attention_output = layer.attention.LayerNorm(layer.attention.dropout(attention.o(context)) + first)
+        return (layer.output(layer.intermediate(attention_output), attention_output),)
+
+    return forward

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+
+from newstune.config import validate
+from newstune.fast_dropout import FastDropout
+from newstune.first_token import run_last_layer_on_first_token
+from newstune.frozen_prefix import encoder_model
+from newstune.run import write_run_header
+from newstune.train import Trainer
+
+from .conftest import tiny_config
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(5, 20, (3, 12))
+    ids[:, 0] = 2  # [CLS]
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[1, 3:] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch, attention", [("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa"),
+                                             ("mpnet", None)])
+def test_first_token_layer_gives_the_full_layers_logits(tiny_models, arch, attention):
+    kwargs = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models[arch], num_labels=3, **kwargs).eval()
+    batch = padded_batch()
+    with torch.no_grad():
+        full = model(**batch).logits
+        assert run_last_layer_on_first_token(model)
+        first_only = model(**batch).logits
+        # padding masked per row, the position bias (MPNet) for the first query: the same logits
+        np.testing.assert_allclose(first_only.numpy(), full.numpy(), atol=1e-6)
+        assert model.base_model(**batch).last_hidden_state.shape[1] == 1
+
+
+def test_heads_reading_other_tokens_are_left_alone():
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2,
+                                                                 hidden_dim=64))
+    assert not run_last_layer_on_first_token(model)
+    assert "forward" not in vars(model.distilbert.transformer.layer[-1])
+
+
+def _trainer_without_dropout(tiny_models, tiny_data, run_dir, arch, on: bool) -> Trainer:
+    config = validate(tiny_config(tiny_models[arch], tiny_data, **{
+        "train.epochs": 3, "train.log_every_steps": 1, "train.first_token_last_layer": on}))
+    trainer = Trainer(config, run_dir)
+    trainer.setup()
+    run_dir.mkdir()
+    write_run_header(run_dir, trainer.config, trainer.label_names)
+    for module in trainer.model.modules():  # dropout draws differ in shape; without them the math is the same
+        if isinstance(module, (torch.nn.Dropout, FastDropout)):
+            module.p = 0.0
+    return trainer
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_first_token_layer_follows_the_full_loss_curve(tiny_models, tiny_data, tmp_path, arch):
+    full = _trainer_without_dropout(tiny_models, tiny_data, tmp_path / "full", arch, on=False)
+    first = _trainer_without_dropout(tiny_models, tiny_data, tmp_path / "first", arch, on=True)
+    assert (full.first_token_only, first.first_token_only) == (False, True)
+    tokens_out = []
+    encoder_model(first.model).encoder.layer[-1].register_forward_hook(
+        lambda module, args, out: tokens_out.append((out[0] if isinstance(out, tuple) else out).shape[1]))
+    for trainer in (full, first):
+        trainer.fit()
+    assert tokens_out and set(tokens_out) == {1}, "the last layer must compute token 0 only"
+    losses = [[r["loss"] for r in t.state.history if r["kind"] in ("train", "eval")] for t in (full, first)]
+    assert len(losses[0]) == 93 and np.mean(losses[0][-10:]) < 0.8 * losses[0][0], "the tiny task must be learnt"
+    # forward and backward through the trimmed layer: the same losses up to fp32 rounding
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4, atol=1e-5)
