@@ -169,6 +169,7 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, 
             "eval_samples_per_s": eff["eval_samples_per_s"], "lengths": lengths,
             "predicted_counts": [sum(col) for col in zip(*metrics["test"]["confusion_matrix"])],
             "cached_layers": eff.get("cached_layers", 0), "cache_seconds": eff.get("cache_seconds", 0.0),
+            "first_token_last_layer": eff.get("first_token_last_layer", False),
             "model_config": AutoConfig.from_pretrained(resolve_model_path(model_name)).to_dict()}
 
 
@@ -203,7 +204,8 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
     config = AutoConfig.for_model(**{k: v for k, v in first["model_config"].items()
                                      if k in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size")})
     seconds = statistics.median(r["train_seconds"] for r in runs)
-    flops = analytic_train_flops(config, first["lengths"], cached_layers=first.get("cached_layers", 0))
+    flops = analytic_train_flops(config, first["lengths"], cached_layers=first.get("cached_layers", 0),
+                                 first_token_last_layer=first.get("first_token_last_layer", False))
     return {"contender": name, "train_seconds": seconds, "tokens_per_s": first["tokens"] / seconds,
             "samples_per_s": first["samples"] / seconds,
             "padding_fraction": 1 - first["tokens"] / max(first["computed_tokens"], 1),

@@ -73,3 +73,16 @@ def test_first_token_layer_follows_the_full_loss_curve(tiny_models, tiny_data, t
     assert len(losses[0]) == 93 and np.mean(losses[0][-10:]) < 0.8 * losses[0][0], "the tiny task must be learnt"
     # forward and backward through the trimmed layer: the same losses up to fp32 rounding
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+
+
+def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_models, tiny_data, tmp_path):
+    compiled = Trainer(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.compile": True})), None)
+    compiled.setup()  # torch.compile wraps lazily: nothing is compiled until a forward
+    assert compiled.first_token_only
+    trainer = _trainer_without_dropout(tiny_models, tiny_data, tmp_path / "run", "bert", on=True)
+    last_layer = encoder_model(trainer.model).encoder.layer[-1]
+    assert "forward" in vars(last_layer)
+    trainer.fit()
+    metrics = trainer.finish()
+    # the saved model, predict and serve run the full layer: latency and eval speed are measured on that
+    assert "forward" not in vars(last_layer) and metrics["efficiency"]["first_token_last_layer"]

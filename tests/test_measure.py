@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from newstune.first_token import run_last_layer_on_first_token
 from newstune.profile import analytic_train_flops, op_category
 from newstune.report import report_runs, run_row
 from newstune.sweep import compare, parse_grid, parse_variant, sweep
@@ -81,6 +82,16 @@ def test_analytic_training_flops_match_flop_counter(full_finetune):
     # so their backward costs two forwards even with every weight frozen (x3 in all)
     assert analytic_train_flops(model.config, lengths, full_finetune=full_finetune) == encoder
     assert encoder == pytest.approx(total, rel=0.02)  # pooler and head: forward + backward
+
+
+def test_analytic_flops_of_the_first_token_last_layer_match_flop_counter():
+    model = tiny_bert_classifier(frozen=True).train()
+    assert run_last_layer_on_first_token(model)
+    lengths = [17, 40]
+    encoder, _ = counted_flops(model, lengths, backward=True)
+    # keys and values for every token, query, attention row, output and feed-forward for token 0, in the last layer
+    assert analytic_train_flops(model.config, lengths, first_token_last_layer=True) == encoder
+    assert encoder < 0.7 * analytic_train_flops(model.config, lengths)
 
 
 def recipe_file(tmp_path, tiny_models, tiny_data, **overrides):
@@ -273,7 +284,8 @@ def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path, monkeypatch
     # a training step runs the layers above the cached ones: an encoder that many layers deep
     trained = AutoConfig.from_pretrained(tiny_models["bert"])
     trained.num_hidden_layers -= result["cached_layers"]
-    flop_per_s = analytic_train_flops(trained, lengths) / result["wall_seconds"]
+    assert result["first_token_last_layer"]
+    flop_per_s = analytic_train_flops(trained, lengths, first_token_last_layer=True) / result["wall_seconds"]
     assert result["achieved_tflops"] == pytest.approx(flop_per_s / 1e12, rel=1e-9)
     assert result["mfu"] == pytest.approx(flop_per_s / (result["matmul_peak_tflops"] * 1e12), rel=1e-9)
     assert result["tokens_per_s"] == pytest.approx(sum(lengths) / result["wall_seconds"], rel=1e-9)

@@ -4,7 +4,8 @@ BERT, RoBERTa and MPNet classifiers read the last layer's output at token 0 (the
 head), yet the layer computes every token: its query projection, attention rows, output projection, LayerNorms and
 feed-forward block for all the others are thrown away. Keys and values still need every token; everything else needs
 only token 0. The result is the same up to floating-point rounding (dropout draws differ in shape, so a run is not
-bit-identical to the full layer when dropout is on).
+bit-identical to the full layer when dropout is on). While it is on, the last layer returns one position per text
+and no attention weights: nothing in training reads them.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ HEADS_READING_TOKEN_0 = frozenset({
 def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
     """Make the last encoder layer compute token 0 only; False (and no change) for a model it does not know."""
     task_model = model.get_base_model() if isinstance(model, PeftModel) else model
-    if type(task_model).__name__ not in HEADS_READING_TOKEN_0:
+    # a decoder's token 0 attends to itself only (causal attention): not what this layer computes
+    if type(task_model).__name__ not in HEADS_READING_TOKEN_0 or getattr(task_model.config, "is_decoder", False):
         return False
-    layer = getattr(task_model, task_model.base_model_prefix).encoder.layer[-1]
+    layer = _last_layer(task_model)
     if hasattr(layer.attention, "self") and task_model.config._attn_implementation in ("sdpa", "eager"):
         layer.forward = _bert_layer_forward(layer)
     elif hasattr(layer.attention, "attn"):
@@ -35,6 +37,17 @@ def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
     else:
         return False
     return True
+
+
+def restore_full_last_layer(model: torch.nn.Module) -> None:
+    """Undo run_last_layer_on_first_token (a no-op for a model it did not change)."""
+    task_model = model.get_base_model() if isinstance(model, PeftModel) else model
+    if type(task_model).__name__ in HEADS_READING_TOKEN_0:
+        vars(_last_layer(task_model)).pop("forward", None)
+
+
+def _last_layer(task_model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(task_model, task_model.base_model_prefix).encoder.layer[-1]
 
 
 def _heads(x: torch.Tensor, head_size: int) -> torch.Tensor:

@@ -59,16 +59,26 @@ def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 2048, se
     return best / 1e12
 
 
-def analytic_train_flops(config, lengths: list[int], full_finetune: bool = False, cached_layers: int = 0) -> float:
+def analytic_train_flops(config, lengths: list[int], full_finetune: bool = False, cached_layers: int = 0,
+                         first_token_last_layer: bool = False) -> float:
     """Forward FLOPs per layer: 2 x linear parameters per token, plus 4 x l x hidden per token (QK^T and AV).
     Backward of the linears: one forward more through frozen weights (input gradients), two with weight gradients
     (full fine-tuning). Attention's matmuls multiply two activations, so their backward always costs two forwards.
-    `cached_layers` lower layers run forward only, once (train.cache_frozen_layers)."""
+    `cached_layers` lower layers run forward only, once (train.cache_frozen_layers); with
+    `first_token_last_layer` the last layer projects keys and values for every token and the rest for token 0."""
     hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    linear = sum(2 * (4 * hidden * hidden + 2 * hidden * inter) * n for n in lengths)
+    key_value = 2 * 2 * hidden * hidden
+    query_out_ffn = 2 * (2 * hidden * hidden + 2 * hidden * inter)
+
+    def trained(linear: float, attention: float) -> float:
+        return linear * (3 if full_finetune else 2) + attention * 3
+
+    linear = sum((key_value + query_out_ffn) * n for n in lengths)
     attention = sum(4 * n * n * hidden for n in lengths)
-    trained = linear * (3 if full_finetune else 2) + attention * 3
-    return cached_layers * (linear + attention) + (layers - cached_layers) * trained
+    full_layer = trained(linear, attention)
+    last_layer = trained(sum(key_value * n + query_out_ffn for n in lengths),
+                         sum(4 * n * hidden for n in lengths)) if first_token_last_layer else full_layer
+    return cached_layers * (linear + attention) + (layers - cached_layers - 1) * full_layer + last_layer
 
 
 def _phase(event) -> str | None:
@@ -143,16 +153,18 @@ def profile_run(config, steps: int, warmup: int, out_dir: Path) -> dict:
     trainer.setup(load_dataset(config.data, config.train.seed))
     prof, lengths, seconds = profiled_steps(trainer, steps, warmup)
     prof.export_chrome_trace(str(out_dir / "trace.json"))
-    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name))
     dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float16 if trainer.precision == "fp16" \
         else torch.float32
     peak = matmul_peak_tflops(dtype)
-    flops = analytic_train_flops(model_config, lengths, config.lora.method == "full")
+    trained_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name))
     if trainer.prefix is not None:  # the cached lower layers do not run in a training step
-        flops *= 1 - trainer.prefix.depth / model_config.num_hidden_layers
+        trained_config.num_hidden_layers -= trainer.prefix.depth
+    flops = analytic_train_flops(trained_config, lengths, config.lora.method == "full",
+                                 first_token_last_layer=trainer.first_token_only)
     result = {"model": config.model.name, "method": config.lora.method, "precision": trainer.precision,
               "frozen_weights_dtype": trainer.frozen_dtype, "steps": steps,
               "cached_layers": trainer.prefix.depth if trainer.prefix is not None else 0, "warmup": warmup,
+              "first_token_last_layer": trainer.first_token_only,
               "batch_size": config.train.batch_size, "tokens": sum(lengths), "wall_seconds": seconds,
               "tokens_per_s": sum(lengths) / seconds, "matmul_peak_tflops": peak,
               "achieved_tflops": flops / seconds / 1e12, "mfu": flops / seconds / (peak * 1e12),

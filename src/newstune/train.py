@@ -50,7 +50,7 @@ from newstune.evaluate import (
     plot_training_curves,
 )
 from newstune.fast_dropout import use_fast_dropout
-from newstune.first_token import run_last_layer_on_first_token
+from newstune.first_token import restore_full_last_layer, run_last_layer_on_first_token
 from newstune.frozen_prefix import FrozenPrefix
 from newstune.infer import median_latency_ms, predict_logits
 from newstune.model import (
@@ -197,6 +197,8 @@ class Trainer:
         self.fast_dropout = cfg.fast_dropout and self.device == "cpu"
         if self.fast_dropout:
             use_fast_dropout(self.model)
+        # before torch.compile wraps the model; the frozen-prefix cache never runs the last layer
+        self.first_token_only = cfg.first_token_last_layer and run_last_layer_on_first_token(self.model)
         self.encoded = {split: tokenize_texts(self.tokenizer, part.texts, self.config.data.max_length,
                                               cache_dir() / "tokens") for split, part in self.bundle.splits.items()}
         self.train_loader = self._train_loader()
@@ -213,9 +215,6 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.scheduler)
         self.loss_fn.to(self.accelerator.device)
         self.prefix = self._frozen_prefix() if cfg.cache_frozen_layers else None
-        # after the prefix: its cache holds every token of the lower layers, and the last layer is never cached
-        self.first_token_only = cfg.first_token_last_layer and run_last_layer_on_first_token(
-            self.accelerator.unwrap_model(self.model))
         if self.resume:
             self._load_checkpoint()
 
@@ -523,6 +522,8 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return {}
         model = self.accelerator.unwrap_model(self.model)
+        # the final evaluations and latency measure the model as saved, predicted with and served: full last layer
+        restore_full_last_layer(model)
         if (self.run_dir / BEST_WEIGHTS).is_file():
             model.load_state_dict(load_weights(self.run_dir / BEST_WEIGHTS)[0], strict=False)
         _, val_logits = self.evaluate_split("validation")
