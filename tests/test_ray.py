@@ -230,6 +230,11 @@ def test_scoring_many_files_on_ray_keeps_every_row_and_the_bad_one(topic_run, tm
            {n: (o["predicted_label"], o["probabilities"]) for n, o in on_ray.items()}
 
 
+def complete_shards(out_dir: Path) -> list[Path]:
+    """Finished shards only: pathlib's glob also matches the hidden `.<shard>.<pid>.partial` being written."""
+    return [p for p in out_dir.glob("*.part-*") if not p.name.startswith(".")]
+
+
 @pytest.mark.slow
 def test_killed_ray_scoring_resumes_without_loss_or_duplicates(topic_run, tmp_path):
     folder = tmp_path / "in"
@@ -241,12 +246,12 @@ def test_killed_ray_scoring_resumes_without_loss_or_duplicates(topic_run, tmp_pa
                "--batch-size", "8"]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 480  # Ray starts slowly on 2 busy cores
-    while time.time() < deadline and len(list((tmp_path / "out").glob("*.part-*"))) < 5:
+    while time.time() < deadline and len(complete_shards(tmp_path / "out")) < 5:
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(3)  # Ray's processes die with the driver that started them
-    written = len(list((tmp_path / "out").glob("*.part-*")))
+    written = len(complete_shards(tmp_path / "out"))
     assert 5 <= written < 200, "the kill did not land midway"
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -263,7 +268,8 @@ def test_train_with_two_ray_workers_matches_a_local_run(tiny_models, tiny_data, 
     from newstune.ray_train import train_on_ray
 
     # the same effective batch: 2 workers x 16, or 1 process x 16 x 2 accumulated micro-batches
-    config = tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 6})
+    # 10 epochs: both runs learn the tiny task (at 6 the local run's accuracy ranged 0.80-0.93 with the dropout draws)
+    config = tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 10})
     local_dir, local = train(validate({**config, "train": {**config["train"], "grad_accum": 2}}), tmp_path / "local")
     ray_dir, on_ray = train_on_ray(validate(config), tmp_path / "ray", workers=2)
     assert ray_dir == (tmp_path / "ray").resolve()
