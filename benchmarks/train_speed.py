@@ -16,8 +16,7 @@ included; evaluation excluded (timed apart). The same precision for every conten
 (`precision: auto` -- bf16 on CPUs with avx512_bf16/AMX, fp32 otherwise), printed with the CPU.
 With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
 optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights, the last layer run
-for token 0 only): what each change
-contributes is newstune's tokens/s over that row's.
+for token 0 only): what each change contributes is newstune's tokens/s over that row's.
 Reports median wall time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 as mean and standard deviation
 over the seeds, eval samples/s, and MFU = analytic FLOPs / the matmul peak measured in the same run and precision.
 """

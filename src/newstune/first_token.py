@@ -25,7 +25,7 @@ HEADS_READING_TOKEN_0 = frozenset({
 
 def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
     """Make the last encoder layer compute token 0 only; False (and no change) for a model it does not know."""
-    task_model = model.get_base_model() if isinstance(model, PeftModel) else model
+    task_model = _task_model(model)
     # a decoder's token 0 attends to itself only (causal attention): not what this layer computes
     if type(task_model).__name__ not in HEADS_READING_TOKEN_0 or getattr(task_model.config, "is_decoder", False):
         return False
@@ -41,9 +41,14 @@ def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
 
 def restore_full_last_layer(model: torch.nn.Module) -> None:
     """Undo run_last_layer_on_first_token (a no-op for a model it did not change)."""
-    task_model = model.get_base_model() if isinstance(model, PeftModel) else model
+    task_model = _task_model(model)
     if type(task_model).__name__ in HEADS_READING_TOKEN_0:
         vars(_last_layer(task_model)).pop("forward", None)
+
+
+def _task_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model (BertForSequenceClassification, ...) inside a PEFT wrapper."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _last_layer(task_model: torch.nn.Module) -> torch.nn.Module:

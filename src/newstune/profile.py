@@ -76,9 +76,9 @@ def analytic_train_flops(config, lengths: list[int], full_finetune: bool = False
     linear = sum((key_value + query_out_ffn) * n for n in lengths)
     attention = sum(4 * n * n * hidden for n in lengths)
     full_layer = trained(linear, attention)
-    last_layer = trained(sum(key_value * n + query_out_ffn for n in lengths),
-                         sum(4 * n * hidden for n in lengths)) if first_token_last_layer else full_layer
-    return cached_layers * (linear + attention) + (layers - cached_layers - 1) * full_layer + last_layer
+    skipped_in_last_layer = full_layer - trained(sum(key_value * n + query_out_ffn for n in lengths),
+                                                 sum(4 * n * hidden for n in lengths)) if first_token_last_layer else 0
+    return cached_layers * (linear + attention) + (layers - cached_layers) * full_layer - skipped_in_last_layer
 
 
 def _phase(event) -> str | None:
