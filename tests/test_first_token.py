@@ -5,7 +5,7 @@ from transformers import AutoModelForSequenceClassification, DistilBertConfig, D
 
 from newstune.config import validate
 from newstune.fast_dropout import FastDropout
-from newstune.first_token import run_last_layer_on_first_token
+from newstune.first_token import restore_full_last_layer, run_last_layer_on_first_token
 from newstune.frozen_prefix import encoder_model
 from newstune.run import write_run_header
 from newstune.train import Trainer
@@ -79,6 +79,9 @@ def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_mode
     compiled = Trainer(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.compile": True})), None)
     compiled.setup()  # torch.compile wraps lazily: nothing is compiled until a forward
     assert compiled.first_token_only
+    compiled_last_layer = encoder_model(compiled.model._orig_mod).encoder.layer[-1]
+    restore_full_last_layer(compiled.accelerator.unwrap_model(compiled.model))  # what finish() is given
+    assert "forward" not in vars(compiled_last_layer)
     trainer = _trainer_without_dropout(tiny_models, tiny_data, tmp_path / "run", "bert", on=True)
     last_layer = encoder_model(trainer.model).encoder.layer[-1]
     assert "forward" in vars(last_layer)

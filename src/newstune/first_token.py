@@ -47,7 +47,8 @@ def restore_full_last_layer(model: torch.nn.Module) -> None:
 
 
 def _task_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model (BertForSequenceClassification, ...) inside a PEFT wrapper."""
+    """The transformers model (BertForSequenceClassification, ...) inside torch.compile's and PEFT's wrappers."""
+    model = getattr(model, "_orig_mod", model)  # accelerate's unwrap_model keeps the torch.compile wrapper
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
