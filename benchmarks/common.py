@@ -12,9 +12,20 @@ from pathlib import Path
 import torch
 
 from newstune import tables
+from newstune.paths import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NEWSTUNE_DATA", ROOT.parent / "shared" / "data"))
+
+
+def empty_token_cache(folder: Path) -> None:
+    """Point newstune's cache at `folder` (no tokenization from an earlier contender) that still holds the installed
+    models (`newstune models install mpnet` puts MPNet under the cache)."""
+    installed = cache_dir() / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    if installed.is_dir():
+        (folder / "models").symlink_to(installed.resolve(), target_is_directory=True)
+    os.environ["NEWSTUNE_CACHE"] = str(folder)
 
 
 def machine() -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_DATA, cpu_line, machine, markdown_table, write_results  # noqa: E402
+from common import ROOT, SHARED_DATA, cpu_line, empty_token_cache, machine, markdown_table, write_results  # noqa: E402
 
 from newstune.train import peak_rss_mb, resolve_precision  # noqa: E402
 
@@ -154,7 +153,7 @@ def contender_main(args: argparse.Namespace) -> None:
     precision = resolve_precision("auto", "cpu")
     config = recipe(args.model, args.contender, args.curve_rows, args.seed, args.train_rows)
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["NEWSTUNE_CACHE"] = str(Path(tmp) / "cache")  # no tokenization cache from an earlier contender
+        empty_token_cache(Path(tmp) / "cache")
         if args.contender == "hf-expert":
             curve = run_hf(config, args.evals_per_epoch, Path(tmp), precision)
         else:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import SHARED_DATA, cpu_line, machine, markdown_table, write_results  # noqa: E402
+from common import SHARED_DATA, cpu_line, empty_token_cache, machine, markdown_table, write_results  # noqa: E402
 
 from newstune.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
 from newstune.train import peak_rss_mb, resolve_precision  # noqa: E402
@@ -179,7 +178,7 @@ def contender_main(args: argparse.Namespace) -> None:
     bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])
     precision = resolve_precision("auto", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["NEWSTUNE_CACHE"] = str(Path(tmp) / "cache")  # no tokenization cache from an earlier round
+        empty_token_cache(Path(tmp) / "cache")
         if args.contender.startswith("newstune"):
             top = mode["top_layers"] if args.contender == "newstune-cached" else None
             result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, precision, top,
