@@ -119,6 +119,22 @@ def evaluation_section(metrics: dict, labels: list[str]) -> list[str]:
             markdown_table(["label", "precision", "recall", "F1", "support"], per_class), ""]
 
 
+def baseline_section(metrics: dict) -> list[str]:
+    """What a TF-IDF linear model fitted in seconds on the same splits gets: the bar this fine-tune had to clear."""
+    base = metrics.get("baseline")
+    if not base:
+        return []
+    splits = [s for s in ("validation", "test") if s in base and s in metrics]
+    rows = [[s, fmt(base[s]["accuracy"]), fmt(metrics[s]["accuracy"]),
+             f"{metrics[s]['accuracy'] - base[s]['accuracy']:+.4f}", fmt(base[s]["macro_f1"]),
+             fmt(metrics[s]["macro_f1"]), f"{metrics[s]['macro_f1'] - base[s]['macro_f1']:+.4f}"] for s in splits]
+    head = ["split", "baseline accuracy", "this model", "gain", "baseline macro-F1", "this model", "gain"]
+    settings = base.get("settings", {})
+    return ["## Baseline", "", f"{base['model']} on the same splits (C={settings.get('C')}, class weight "
+            f"{settings.get('class_weight')}, chosen on validation; fitted in {base['fit_seconds']:.0f} s).", "",
+            markdown_table(head, rows), ""]
+
+
 def calibration_section(metrics: dict, decision: Decision) -> list[str]:
     report = metrics.get("calibration", {})
     rows = [[split, *(fmt(report[split][f"{k}_{when}"]) for k in ("ece", "brier", "log_loss")
@@ -172,7 +188,8 @@ def render_card(config: RunConfig, labels: list[str], metrics: dict, decision: D
     meta = yaml.safe_dump(front_matter(config, metrics, split), sort_keys=False, allow_unicode=True)
     body = [f"# {config.name}", "", *intended_use(config, decision), *data_section(config, metrics),
             *label_section(config, labels), *evaluation_section(metrics, labels),
-            *calibration_section(metrics, decision), *efficiency_section(metrics), *limitations(config, metrics)]
+            *baseline_section(metrics), *calibration_section(metrics, decision), *efficiency_section(metrics),
+            *limitations(config, metrics)]
     return f"---\n{meta}---\n\n" + "\n".join(body)
 
 

@@ -48,6 +48,34 @@ def show_metrics(metrics: dict, label_names: list[str], title: str) -> None:
             f"{eff['train_tokens_per_s']:.0f} tokens/s | peak RSS {eff['peak_rss_mb']:.0f} MB | trainable "
             f"{eff['trainable_params']:,} | saved {eff['saved_model_mb']:.2f} MB | latency "
             f"{eff['latency_ms_median']:.1f} ms | {eff['precision']}")
+    if metrics.get("baseline"):
+        show_baseline_line(metrics)
+
+
+def show_baseline_line(metrics: dict) -> None:
+    from newstune.baseline import gain
+
+    split = "test" if "test" in metrics["baseline"] else "validation"
+    base = metrics["baseline"][split]
+    gains = {key: gain(metrics, split, key) for key in ("accuracy", "macro_f1")}
+    Console().print(
+        f"baseline ({metrics['baseline']['model']}, {metrics['baseline']['fit_seconds']:.0f} s): {split} accuracy "
+        f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f} | this run vs baseline: accuracy "
+        f"{gains['accuracy']:+.4f}, macro-F1 {gains['macro_f1']:+.4f}")
+
+
+def show_baseline(result: dict, label_names: list[str], title: str) -> None:
+    from newstune.evaluate import metrics_table
+
+    table = Table(title=f"{title}: {result['model']}")
+    for column in ("split", "accuracy", "macro-F1", "loss", "n", "recall per class"):
+        table.add_column(column)
+    for row in metrics_table({k: result[k] for k in ("validation", "test") if k in result}, label_names):
+        table.add_row(*row)
+    Console().print(table)
+    Console().print(f"chosen on validation: C={result['settings']['C']}, class_weight="
+                    f"{result['settings']['class_weight']} | {result['features']:,} features | fit "
+                    f"{result['fit_seconds']:.1f} s")
 
 
 def show_seed_summary(summary: dict, title: str) -> None:
@@ -110,6 +138,56 @@ def train(
     elif int(os.environ.get("RANK", "0")) == 0:
         console.print(f"stopped; continue with: newstune train --resume {run_dir}")
     typer.echo(str(run_dir))
+
+
+@app.command()
+def baseline(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML: the baseline uses its data and splits.")],
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Fit the TF-IDF + LinearSVC baseline on a recipe's splits (settings chosen on validation, test scored once)."""
+    from newstune.baseline import fit_baseline
+    from newstune.data.registry import load_dataset
+    from newstune.run import write_new_json
+
+    recipe = _config_with(config, overrides, data_dir)
+    bundle = load_dataset(recipe.data, recipe.train.seed)
+    result = fit_baseline(bundle, recipe.train.metric, recipe.eval, with_test=recipe.eval.test)
+    show_baseline(result, bundle.label_names, recipe.name)
+    if output is not None:
+        write_new_json(output, result)
+        typer.echo(str(output))
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML: the values not searched.")],
+    space: Annotated[list[str], typer.Option("--space", help="A searched key: train.lr=log:1e-5:3e-4, "
+                                             "train.warmup_ratio=float:0:0.2, lora.r=int:8:64 or train.epochs=2,3")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Search folder (must not exist).")],
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    trials: Annotated[int, typer.Option(help="At most this many trials.")] = 20,
+    budget_runs: Annotated[float, typer.Option(help="Stop starting trials once the optimizer steps trained add up "
+                                                    "to this many full-length runs.")] = 3.0,
+    evals_per_epoch: Annotated[int, typer.Option(help="Validation evaluations per epoch (the pruner's rungs).")] = 4,
+    pruner: Annotated[str, typer.Option(help="hyperband, halving (successive halving) or none.")] = "hyperband",
+    timeout_minutes: Annotated[float | None, typer.Option(help="Start no trial after this many minutes.")] = None,
+) -> None:
+    """Budgeted search on the full training set, choosing on validation only; writes best.yaml, a recipe."""
+    from newstune.search import search as run_search
+    from newstune.search import search_table
+
+    extra = [f"data.dir={data_dir}"] if data_dir else []
+    summary = run_search(config, [*(overrides or []), *extra], space, output_dir, trials, budget_runs,
+                         evals_per_epoch, pruner, timeout_s=timeout_minutes * 60 if timeout_minutes else None)
+    Console().print(search_table(summary))
+    Console().print(f"best: trial {summary['best']['trial']} {json.dumps(summary['best']['params'])} "
+                    f"{summary['metric']} {summary['best']['value']:.4f} | cost {summary['cost_single_runs']} "
+                    f"single runs, {summary['seconds'] / 60:.1f} min")
+    typer.echo(str(output_dir / "best.yaml"))
 
 
 @app.command()

@@ -72,6 +72,10 @@ class DataConfig(_Section):
     min_class_count: int = Field(0, ge=0, description="Drop classes with fewer training rows than this.")
     valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of train held out when no valid split.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of train held out when no test split.")
+    holdout_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Share of the training file kept out of training and of every choice (a "
+        "fixed stratified slice, the same for every seed and run), scored after training as split 'holdout': a "
+        "guard against tuning to test.")
     max_train_rows: int | None = Field(None, ge=1, description="Stratified subset of train (quick runs).")
     max_eval_rows: int | None = Field(None, ge=1, description="Stratified subset of validation and test.")
     drop_empty: bool = Field(False, description="Drop rows with empty text instead of failing.")
@@ -127,6 +131,9 @@ class TrainSettings(_Section):
     eval_batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     head_lr: float | None = Field(None, gt=0, description="Learning rate of the head; default lr.")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise learning-rate decay: encoder layer i of L trains at "
+        "lr * decay^(L - i), the embeddings at lr * decay^(L + 1), the head at lr (or head_lr); none = one lr.")
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -179,6 +186,8 @@ class EvalSettings(_Section):
         "offset per class (vector scaling).")
     tune_class_bias: bool = Field(False, description="Multi-class: per-class offsets on the log-probabilities "
                                   "tuned on validation for macro-F1.")
+    baseline: bool = Field(True, description="Also fit the TF-IDF + LinearSVC baseline on the run's train split "
+                           "(settings chosen on validation, test scored once) and report it beside the run.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
     test_curve: bool = Field(False, description="Also evaluate the test split at each validation evaluation, logged as "

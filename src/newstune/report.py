@@ -58,6 +58,7 @@ def evaluate_run(run_dir: Path, split: str, extra_eval: list[str], data_dir: Pat
 
 COLUMNS = [("run", "run"), ("dataset", "dataset"), ("model", "model"), ("method", "method"),
            ("precision", "precision"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("recall", "recall/class"),
+           ("baseline", "baseline"), ("vs_baseline", "vs baseline"),
            ("loss", "loss"), ("epoch_s", "epoch s"), ("samples_s", "train samples/s"), ("tokens_s", "tokens/s"),
            ("peak_mb", "peak RSS MB"), ("trainable", "trainable params"), ("size_mb", "saved MB"),
            ("latency_ms", "latency ms"), ("eval_s", "eval samples/s")]
@@ -85,7 +86,16 @@ def run_row(run_dir: Path, name: str | None = None, split: str = "test") -> dict
             "epoch_s": eff["epoch_seconds_mean"], "samples_s": eff["train_samples_per_s"],
             "tokens_s": eff["train_tokens_per_s"], "peak_mb": eff["peak_rss_mb"], "trainable": eff["trainable_params"],
             "size_mb": eff["saved_model_mb"], "latency_ms": eff["latency_ms_median"],
-            "eval_s": eff["eval_samples_per_s"], "history": _history(run_dir)}
+            "eval_s": eff["eval_samples_per_s"], "history": _history(run_dir), **baseline_cells(metrics, split, config)}
+
+
+def baseline_cells(metrics: dict, split: str, config) -> dict:
+    """The run's TF-IDF baseline on the split, by the run's selection metric, and the run's gain over it."""
+    key = "macro_f1" if config.train.metric == "loss" else config.train.metric
+    base = metrics.get("baseline", {}).get(split)
+    if not base or key not in base:
+        return {"baseline": "-", "vs_baseline": "-"}
+    return {"baseline": f"{base[key]:.4f} {key}", "vs_baseline": f"{metrics[split][key] - base[key]:+.4f}"}
 
 
 def _history(run_dir: Path) -> list[dict]:

@@ -91,6 +91,15 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     write_atomically(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
 
 
+def write_new_json(path: Path, data: dict) -> None:
+    """A result file that must not replace an earlier one."""
+    path = Path(path)
+    if path.exists():
+        raise NewstuneError(f"{path} already exists; choose another --output (results are never overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Written under a temporary name and renamed: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -16,7 +16,8 @@ from newstune.train import CHECKPOINT, resume, train
 
 GROUP_FILE = "seeds.yaml"  # the recipe and its seeds: marks a folder as a seed group, not a run
 SUMMARY_FILE = "seeds.json"
-SPLIT_FIGURES = ("accuracy", "macro_f1", "loss")
+SPLIT_FIGURES = ("accuracy", "macro_f1", "micro_f1", "loss")
+BASELINE_FIGURES = ("accuracy", "macro_f1", "micro_f1")
 EFFICIENCY_FIGURES = ("train_seconds", "epoch_seconds_mean", "train_samples_per_s", "train_tokens_per_s",
                       "peak_rss_mb")
 
@@ -92,7 +93,7 @@ def summarize(run_dirs: list[Path]) -> dict:
         if run_labels != labels[0]:
             raise NewstuneError(f"{run_dir} has other classes than {run_dirs[0]}; summarise runs of one recipe")
     summary: dict = {"runs": [str(run_dir) for run_dir in run_dirs], "n": len(run_dirs)}
-    for split in ("validation", "test"):
+    for split in ("validation", "test", "holdout"):
         if all(split in m for m in metrics):
             figures = {name: spread([m[split][name] for m in metrics]) for name in SPLIT_FIGURES
                        if all(name in m[split] for m in metrics)}
@@ -100,6 +101,10 @@ def summarize(run_dirs: list[Path]) -> dict:
             figures["recall_per_class"] = {label: spread([m[split]["per_class"][label]["recall"] for m in metrics])
                                            for label in classes}
             summary[split] = figures
+    baselines = [m.get("baseline", {}) for m in metrics]
+    summary["baseline"] = {split: {name: spread([b[split][name] for b in baselines]) for name in BASELINE_FIGURES
+                                   if all(name in b.get(split, {}) for b in baselines)}
+                           for split in ("validation", "test") if all(split in b for b in baselines)}
     summary["efficiency"] = {name: spread([m["efficiency"][name] for m in metrics])
                              for name in EFFICIENCY_FIGURES if all(name in m.get("efficiency", {}) for m in metrics)}
     summary["leaky"] = any(m.get("leaky") for m in metrics)
@@ -115,10 +120,13 @@ def spread(values: list[float]) -> dict:
 def summary_rows(summary: dict) -> list[list[str]]:
     """Terminal/markdown rows: split, figure, mean ± std, per-seed values."""
     rows = []
-    for split in ("validation", "test"):
+    for split in ("validation", "test", "holdout"):
         for name in SPLIT_FIGURES:
             if name in summary.get(split, {}):
                 rows.append([split, name, *_cells(summary[split][name])])
+    for split, figures in summary.get("baseline", {}).items():
+        for name, figure in figures.items():
+            rows.append([f"baseline {split}", name, *_cells(figure)])
     for name, figure in summary["efficiency"].items():
         rows.append(["train", name, *_cells(figure)])
     return rows

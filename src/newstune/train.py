@@ -6,12 +6,13 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from newstune.baseline import compact, fit_baseline
 from newstune.card import write_card
 from newstune.checkpoint import (
     load_optimizer_state,
@@ -38,7 +40,7 @@ from newstune.checkpoint import (
 )
 from newstune.config import RunConfig
 from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
-from newstune.data.registry import DatasetBundle, load_dataset, load_eval_set
+from newstune.data.registry import HOLDOUT, DatasetBundle, load_dataset, load_eval_set
 from newstune.data.splits import class_weights, positive_weights
 from newstune.decisions import Decision
 from newstune.errors import Interrupted, NewstuneError
@@ -76,6 +78,7 @@ from newstune.run import (
 from newstune.tuning import fit_decision
 
 log = logging.getLogger("newstune")
+LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 CHECKPOINT = "checkpoints/last.safetensors"
 BEST_WEIGHTS = "checkpoints/best_trainable.safetensors"
 
@@ -149,6 +152,18 @@ class TrainState:
     epoch_started_at: float = 0.0  # train_seconds when the current epoch began (survives mid-epoch checkpoints)
 
 
+def layer_depth(name: str, n_layers: int) -> int:
+    """How many layers below the top a parameter sits, for layer-wise lr decay: encoder layer i of L -> L - i,
+    embeddings -> L + 1, anything else (head, pooler, relative-position bias) -> 0.
+
+    Written here rather than taken from a library: transformers' Trainer has no layer-wise decay, and peft's
+    LoRA+ optimizer groups by A/B matrices, not by depth."""
+    match = LAYER_INDEX.search(name)
+    if match:
+        return n_layers - int(match.group(1))
+    return n_layers + 1 if "embeddings." in name else 0
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -168,6 +183,9 @@ class Trainer:
         self.stop_requested = threading.Event()
         self.interrupted = False
         self.tokens_on_device: torch.Tensor | None = None  # non-padding tokens not yet added to state.tokens
+        # called after every validation evaluation with (epochs trained, selection score); a search's pruner
+        # reads it and may raise to stop the trial
+        self.on_evaluate: Callable[[float, float], None] | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -242,11 +260,14 @@ class Trainer:
         cfg = self.config.train
         head_names = ("classifier", "score", "pre_classifier", "pooler")
         groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        n_layers = getattr(self.model.config, "num_hidden_layers", 0)
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             is_head = any(f"{h}." in name for h in head_names) and "lora_" not in name
             lr = cfg.head_lr if (is_head and cfg.head_lr) else cfg.lr
+            if cfg.layer_lr_decay is not None and not is_head:
+                lr *= cfg.layer_lr_decay ** layer_depth(name, n_layers)
             decay = 0.0 if (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name) else cfg.weight_decay
             groups.setdefault((lr, decay), []).append(param)
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()],
@@ -323,6 +344,8 @@ class Trainer:
                 test_metrics, _ = self.evaluate_split("test")
                 self._log({**record, "kind": "test", **{k: test_metrics[k] for k in ("accuracy", "macro_f1", "loss")}})
             score = -metrics["loss"] if cfg.metric == "loss" else metrics[cfg.metric]
+            if self.on_evaluate is not None:
+                self.on_evaluate(self.state.global_step / self.steps_per_epoch, score)
             if self.state.best_metric is None or score > self.state.best_metric:
                 self.state.best_metric, self.state.best_epoch = score, epoch
                 self.state.best_step = self.state.global_step
@@ -363,7 +386,7 @@ class Trainer:
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         n_epochs = math.ceil(cfg.epochs)
         finished = True
-        with self._stop_on_signals():
+        with self._stop_on_signals(), self._closing(bar):
             # an early stop is part of the saved state: a resume after it does not train on
             while (not self.state.stopped_early and self.state.epoch < n_epochs
                    and self.state.global_step < self.total_steps):
@@ -378,10 +401,17 @@ class Trainer:
                 if self.stop_requested.is_set() and not self.state.stopped_early:
                     self.interrupted, finished = True, False
                     break
-        bar.close()
-        if self.writer is not None:
-            self.writer.close()
         return finished
+
+    @contextmanager
+    def _closing(self, bar: tqdm) -> Iterator[None]:
+        """The progress bar and TensorBoard writer close however fit ends (a search's pruner raises inside it)."""
+        try:
+            yield
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -544,11 +574,23 @@ class Trainer:
                    "best_step": self.state.best_step,
                    "leaky": bool(self.bundle.info.get("leaky", False))}
         metrics.update(self._extra_evaluations(model))
+        if HOLDOUT in self.encoded and self.config.eval.test:  # scored once, like test; nothing reads it to choose
+            metrics[HOLDOUT], _ = self.evaluate_split(HOLDOUT)
+        if self.config.eval.baseline:
+            metrics["baseline"] = self._baseline()
         write_decision(self.run_dir, self.decision)
         write_metrics(self.run_dir, metrics)
         self._plots(final, logits[final_split], final_split)
         write_card(self.run_dir)
         return metrics
+
+    def _baseline(self) -> dict:
+        """The TF-IDF baseline on this run's own splits (seconds); what it scores is what the fine-tune must beat."""
+        result = compact(fit_baseline(self.bundle, self.config.train.metric, self.config.eval,
+                                      with_test=self.config.eval.test))
+        log.info("baseline %s: %s", result["model"], json.dumps({k: result[k] for k in ("validation", "test")
+                                                                 if k in result}))
+        return result
 
     def _calibration(self, logits: dict[str, np.ndarray]) -> dict:
         """ECE, Brier and log loss before and after calibration, per split."""
@@ -630,13 +672,16 @@ def logging_to(run_dir: Path) -> Iterator[None]:
 
 
 def train(config: RunConfig, output_dir: Path | None = None, stop_after_steps: int | None = None,
-          bundle: DatasetBundle | None = None) -> tuple[Path, dict]:
+          bundle: DatasetBundle | None = None,
+          on_evaluate: Callable[[float, float], None] | None = None) -> tuple[Path, dict]:
     """A new run: returns its directory and metrics (empty when stopped early by stop_after_steps).
 
     The run folder is created only after the data and model loaded: a failed start leaves nothing behind.
+    on_evaluate receives (epochs trained, validation selection score) after every validation evaluation.
     """
     check_new_run_dir(planned_run_dir(config, output_dir))
     trainer = Trainer(config, None)
+    trainer.on_evaluate = on_evaluate
     trainer.setup(bundle)
     trainer.run_dir = _shared_run_dir(config, output_dir)
     if trainer.accelerator.is_main_process:

@@ -21,6 +21,8 @@ from newstune.data.text import LIAR_FIELD_TITLES, clean_text, textualize_liar
 from newstune.errors import NewstuneError
 
 SPLITS = ("train", "validation", "test")
+HOLDOUT = "holdout"
+HOLDOUT_SEED = 20261204  # fixed: the holdout slice must be the same rows for every seed, run and search
 
 
 @dataclass
@@ -393,11 +395,14 @@ def load_eval_set(data: DataConfig, label_map: dict[str, str] | None, label_name
 
 
 def fill_missing_splits(splits: dict[str, TextSplit], config: DataConfig, seed: int) -> dict[str, TextSplit]:
+    holdout = {}
+    if config.holdout_fraction:  # first, so that the slice does not depend on the seed's validation split
+        splits["train"], holdout[HOLDOUT] = stratified_split(splits["train"], config.holdout_fraction, HOLDOUT_SEED)
     if "test" not in splits:
         splits["train"], splits["test"] = stratified_split(splits["train"], config.test_fraction, seed)
     if "validation" not in splits:
         splits["train"], splits["validation"] = stratified_split(splits["train"], config.valid_fraction, seed + 1)
-    return {split: splits[split] for split in SPLITS}
+    return {**{split: splits[split] for split in SPLITS}, **holdout}
 
 
 def limit_rows(splits: dict[str, TextSplit], config: DataConfig, seed: int) -> dict[str, TextSplit]:
@@ -409,5 +414,6 @@ def limit_rows(splits: dict[str, TextSplit], config: DataConfig, seed: int) -> d
 
     return {"train": cut(splits["train"], config.max_train_rows),
             "validation": cut(splits["validation"], config.max_eval_rows),
-            "test": cut(splits["test"], config.max_eval_rows)}
+            "test": cut(splits["test"], config.max_eval_rows),
+            **({HOLDOUT: cut(splits[HOLDOUT], config.max_eval_rows)} if HOLDOUT in splits else {})}
 

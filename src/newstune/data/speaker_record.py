@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -102,3 +103,24 @@ def credit_count(value: object, column: str = "count") -> int:
         raise NewstuneError(f"LIAR credit-history {column} '{text[:40]}' is not a whole number >= 0; "
                             f"give the speaker's counts ({', '.join(LIAR_CREDIT_FIELDS)}) as integers")
     return int(number)
+
+
+CREDIT_TEXT = re.compile(r"History \((\d+) rated\): ([^.]*)\.")
+CREDIT_ITEM = re.compile(r"([a-z ]+?) (\d+)(?: \(\d+%\))?$")
+
+
+def record_numbers_from_text(text: str) -> np.ndarray | None:
+    """The inverse of credit_text inside a LIAR text: the record as record_numbers gives it, None when the text
+    holds no record. Lets a consumer of the texts alone (the TF-IDF baseline) put the numbers beside the words."""
+    match = CREDIT_TEXT.search(text)
+    if match is None:
+        return None
+    counts = {}
+    for item in match.group(2).split(", "):
+        found = CREDIT_ITEM.match(item.strip())
+        if found is None:
+            return None
+        counts[found.group(1).replace(" ", "_") + "_count"] = int(found.group(2))
+    if sorted(counts) != sorted(LIAR_CREDIT_FIELDS):
+        return None
+    return record_numbers([counts])[0]

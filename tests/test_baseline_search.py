@@ -1,0 +1,158 @@
+"""The TF-IDF baseline and the budgeted search: what they may read to choose, and what they write."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import yaml
+
+from newstune.baseline import fit_baseline
+from newstune.config import EvalSettings, load_config
+from newstune.data.registry import DatasetBundle, load_dataset
+from newstune.data.speaker_record import credit_text, record_numbers, record_numbers_from_text
+from newstune.data.splits import TextSplit
+from newstune.errors import NewstuneError
+from newstune.search import parse_space, search
+from newstune.train import layer_depth
+from tests.conftest import synthetic_rows
+
+
+def bundle_of(train, valid, test) -> DatasetBundle:
+    names = sorted({label for _, label in train})
+
+    def split(rows):
+        return TextSplit([t for t, _ in rows], [names.index(label) for _, label in rows])
+
+    return DatasetBundle({"train": split(train), "validation": split(valid), "test": split(test)}, names,
+                         {"dataset": "files"})
+
+
+def test_baseline_learns_the_topics_and_reports_every_candidate():
+    bundle = bundle_of(synthetic_rows(300, 1), synthetic_rows(90, 2), synthetic_rows(90, 3))
+    result = fit_baseline(bundle, "macro_f1", EvalSettings())
+    assert result["test"]["accuracy"] > 0.9  # bug: features or labels misaligned would sit near 1/3
+    assert len(result["candidates"]) == 6
+    best = max(c["macro_f1"] for c in result["candidates"])
+    assert result["validation"]["macro_f1"] == pytest.approx(best)
+
+
+def test_baseline_never_sees_test_when_choosing():
+    """Fails if test texts reach the vectoriser or test labels reach the choice of C / class weight."""
+    train, valid, test = synthetic_rows(300, 1), synthetic_rows(90, 2), synthetic_rows(90, 3)
+    test = [(f"{text} zzqtestonly", label) for text, label in test]
+    original = fit_baseline(bundle_of(train, valid, test), "macro_f1", EvalSettings())
+    names = sorted({label for _, label in train})
+    rotated = [(text, names[(names.index(label) + 1) % len(names)]) for text, label in test]
+    other = fit_baseline(bundle_of(train, valid, rotated), "macro_f1", EvalSettings())
+    assert other["settings"] == original["settings"]
+    assert other["candidates"] == original["candidates"]
+    assert other["test"]["accuracy"] < 0.2 < original["test"]["accuracy"]  # test was scored, with its own labels
+    # the vocabulary is the training split's: a word only test texts hold has no column
+    assert original["features"] == other["features"]
+    words_only = fit_baseline(bundle_of(train, valid, synthetic_rows(90, 3)), "macro_f1", EvalSettings())
+    assert words_only["features"] == original["features"]
+
+
+def test_record_numbers_round_trip_through_the_text():
+    counts = {"barely_true_count": 3, "false_count": 1, "half_true_count": 0, "mostly_true_count": 5,
+              "pants_fire_count": 2}
+    text = f"Says taxes went up. Speaker: x. {credit_text(counts)}"
+    assert np.allclose(record_numbers_from_text(text), record_numbers([counts])[0])
+    assert record_numbers_from_text("no record here") is None
+
+
+def test_layer_depth_for_layer_wise_decay():
+    assert layer_depth("base_model.model.bert.encoder.layer.5.attention.self.query.weight", 6) == 1
+    assert layer_depth("bert.encoder.layer.0.output.dense.weight", 6) == 6
+    assert layer_depth("bert.embeddings.word_embeddings.weight", 6) == 7
+    assert layer_depth("classifier.weight", 6) == 0
+
+
+def test_parse_space_rejects_bad_items():
+    dims = parse_space(["train.lr=log:1e-5:1e-3", "train.epochs=2,3", "lora.r=int:8:32"])
+    assert [d.kind for d in dims] == ["log", "choice", "int"]
+    assert dims[1].choices == (2, 3)
+    for bad in ("train.lr", "train.lr=log:0:1", "train.lr=float:3:1", "train.lr=log:a:b"):
+        with pytest.raises(NewstuneError):
+            parse_space([bad])
+
+
+def tiny_recipe(tmp_path, tiny_models, tiny_data):
+    recipe = {"data": {"name": "files", "train_file": str(tiny_data / "train.csv"),
+                       "valid_file": str(tiny_data / "valid.csv"), "test_file": str(tiny_data / "test.csv"),
+                       "max_length": 32},
+              "model": {"name": str(tiny_models["bert"])}, "lora": {"method": "full"},
+              "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "precision": "fp32", "seed": 0},
+              "eval": {"latency_samples": 0}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_search_reads_validation_only_and_writes_a_recipe(tmp_path, tiny_models, tiny_data, monkeypatch):
+    """Fails if any trial evaluates the test split, or if the pick is not the best validation value."""
+    from newstune import train as training
+
+    seen = []
+    original = training.Trainer.evaluate_split
+
+    def spy(self, split, decision=None):
+        seen.append(split)
+        return original(self, split, decision)
+
+    monkeypatch.setattr(training.Trainer, "evaluate_split", spy)
+    recipe = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    summary = search(recipe, [], ["train.lr=log:1e-4:3e-3", "train.layer_lr_decay=float:0.7:1.0"],
+                     tmp_path / "search", trials=4, budget_runs=10, evals_per_epoch=2, pruner="none")
+    assert "test" not in seen and "validation" in seen
+    complete = [t for t in summary["trials"] if t["state"] == "complete"]
+    assert summary["best"]["value"] == max(t["value"] for t in complete)
+    assert all(len(t["curve"]) == 4 for t in complete)  # 2 evaluations per epoch x 2 epochs
+    best = load_config(tmp_path / "search" / "best.yaml")
+    assert best.train.lr == pytest.approx(summary["best"]["params"]["train.lr"])
+    assert best.eval.test  # the recipe users run scores test; only the trials did not
+    assert json.loads((tmp_path / "search" / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
+    assert not list((tmp_path / "search").glob("trial-*/checkpoints"))
+
+
+def test_search_stops_at_its_budget(tmp_path, tiny_models, tiny_data):
+    """Fails if the budget is ignored: one full-length run of budget must stop the search after one trial."""
+    recipe = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    summary = search(recipe, [], ["train.lr=log:1e-4:3e-3"], tmp_path / "search", trials=5, budget_runs=1.0,
+                     evals_per_epoch=1, pruner="none")
+    assert len(summary["trials"]) == 1
+    assert summary["cost_single_runs"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_holdout_slice_is_fixed_and_kept_out(tiny_data):
+    config = load_config_for_files(tiny_data, holdout_fraction=0.1)
+    first = load_dataset(config.data, seed=1)
+    second = load_dataset(config.data, seed=2)
+    assert first.splits["holdout"].texts == second.splits["holdout"].texts  # same rows whatever the seed
+    held = set(first.splits["holdout"].texts)
+    assert held.isdisjoint(first.splits["train"].texts)
+    assert len(first.splits["holdout"]) == pytest.approx(48, abs=3)
+
+
+def load_config_for_files(tiny_data, **data):
+    from newstune.config import validate
+
+    return validate({"data": {"name": "files", "train_file": str(tiny_data / "train.csv"), **data},
+                     "model": {"name": "x"}})
+
+
+def test_baseline_in_a_trained_run(tmp_path, tiny_models, tiny_data):
+    from newstune.report import run_row
+    from newstune.train import train
+
+    config = load_config(tiny_recipe(tmp_path, tiny_models, tiny_data))
+    run_dir, metrics = train(config, tmp_path / "run")
+    assert set(metrics["baseline"]) >= {"validation", "test", "fit_seconds", "settings"}
+    assert metrics["baseline"]["test"]["n"] == metrics["test"]["n"]
+    row = run_row(run_dir)
+    assert row["vs_baseline"] == f"{metrics['test']['macro_f1'] - metrics['baseline']['test']['macro_f1']:+.4f}"
+    assert "## Baseline" in (run_dir / "model" / "README.md").read_text()
+    off = config.model_copy(deep=True)
+    off.eval.baseline = False
+    assert "baseline" not in train(off, tmp_path / "run-off")[1]
