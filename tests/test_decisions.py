@@ -346,3 +346,21 @@ def test_vector_scaling_offsets_undo_a_prior_shift_that_a_temperature_cannot():
     assert (offsets[1] - offsets[0]) == pytest.approx(-1.5, abs=0.25)
     assert nll(logits, labels, vector) < nll(logits, labels, Decision(temperature=temperature)) - 0.01
     assert Decision.from_dict(vector.to_dict()) == vector
+
+
+@pytest.mark.parametrize("tampered", [{"temperature": -1.0}, {"temperature": 0.0}, {"temperature": [1.0, 0.0]},
+                                      {"temperature": "hot"}, {"threshold": 1.5}, {"threshold": float("nan")},
+                                      {"class_bias": ["x"]}, {"label_thresholds": [2.0]}, {"multi_label": "yes"},
+                                      {"calibration": "magic"}, ["not", "a", "dict"]])
+def test_a_tampered_decision_is_refused_with_one_line(tampered):
+    """Fails if a value that would invert labels (negative temperature) or write NaN probabilities (zero) loads."""
+    with pytest.raises(NewstuneError, match="decision.json: .*re-create it"):
+        Decision.from_dict(tampered, "run/decision.json")
+
+
+def test_a_decision_file_that_is_not_json_is_refused(tmp_path):
+    from newstune.run import read_decision
+
+    (tmp_path / "decision.json").write_text("{temperature: ")
+    with pytest.raises(NewstuneError, match="decision.json: not valid JSON"):
+        read_decision(tmp_path)

@@ -207,3 +207,34 @@ def test_records_are_built_into_text_as_training_built_them(tiny_models):
         assert "missing column(s) ['barely_true_count'" in missing.json()["detail"][0]["msg"]
         bad = client.post("/v1/classify-records", json={"model": "liar", "records": [{**record, "false_count": -3}]})
         assert bad.status_code == 422 and "not a whole number" in bad.json()["detail"][0]["msg"]
+
+
+def test_served_full_fine_tunes_keep_their_own_weights(tiny_models, tiny_data, tmp_path):
+    """Two full fine-tunes of one base model, the second trained on rotated labels, served together: each must
+    answer as its own predict does. Fails when frozen tensors are shared by name (the second run then answers
+    with the first one's encoder)."""
+    from newstune.config import validate
+    from newstune.train import train
+
+    from .conftest import synthetic_rows, tiny_config, write_csv
+
+    rotated = tmp_path / "rotated"
+    rotated.mkdir()
+    names = ["business", "science", "sports"]
+    for name, seed in (("train.csv", 1), ("valid.csv", 2), ("test.csv", 3)):
+        write_csv(rotated / name, [(t, names[(names.index(label) + 1) % 3]) for t, label in synthetic_rows(480, seed)])
+    full = {"lora.method": "full", "train.lr": 1e-3, "eval.baseline": False}
+    first, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data, **full)), tmp_path / "first")
+    second, _ = train(validate(tiny_config(tiny_models["bert"], rotated, **full)), tmp_path / "second")
+    texts = [text for text, _ in synthetic_rows(12, 5)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    own = {}
+    for name, run_dir in (("first", first), ("second", second)):
+        predict_file(load_run(run_dir), source, tmp_path / f"{name}.jsonl")
+        own[name] = [json.loads(line)["label"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert own["first"] != own["second"]  # the two runs learnt different label orders
+    with TestClient(create_app(load_served([f"first={first}", f"second={second}"]))) as client:
+        for name in ("first", "second"):
+            served = client.post("/v1/classify", json={"model": name, "texts": texts}).json()["results"]
+            assert [r["label"] for r in served] == own[name]

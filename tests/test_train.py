@@ -441,3 +441,56 @@ def test_frozen_prefix_states_follow_the_mask_also_when_left_padded():
     assert torch.equal(left[0, :2], torch.zeros(2, 2)) and torch.equal(left[1, 0], torch.zeros(2))
     with pytest.raises(NewstuneError, match="cache is stale"):
         prefix.states([0], torch.tensor([[1, 1, 1, 0]]), "cpu")
+
+
+def _tamper(path: Path, edit) -> None:
+    """Rewrite a checkpoint with edit(tensors, meta) applied (what a hand-edited run folder holds)."""
+    from newstune.checkpoint import save_weights
+
+    tensors, meta = load_weights(path)
+    edit(tensors, meta)
+    save_weights(path, tensors, meta)
+
+
+def _rename_one(tensors: dict, meta: dict) -> None:
+    key = next(k for k in tensors if k.startswith("trainable."))
+    tensors[key.replace("trainable.", "trainable.renamed_")] = tensors.pop(key)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, m: m["state"].update(global_step=10**9), "global_step 1000000000 is outside"),
+    (lambda t, m: m["state"].update(step_in_epoch=-1), "step_in_epoch -1 is outside"),
+    (lambda t, m: m["state"].update(surprise=1), "unknown fields"),
+    (lambda t, m: m.pop("optimizer"), "damaged resume state"),
+    (lambda t, m: m.pop("state"), "training state is missing"),
+    (lambda t, m: m["rng"].update(python="x"), "damaged resume state"),
+    (_rename_one, "trainable tensors do not match"),
+])
+def test_a_tampered_checkpoint_is_refused_with_one_line(tiny_models, tiny_data, tmp_path, edit, message):
+    """Fails if a hand-edited checkpoint resumes (a huge step 'finished' a run after 3 steps; renamed tensors
+    resumed silently from the initial weights) or crashes with a traceback instead of one clear line."""
+    config = validate(tiny_config(tiny_models["bert"], tiny_data))
+    run_dir, _ = train(config, tmp_path / "run", stop_after_steps=3)
+    _tamper(run_dir / CHECKPOINT, edit)
+    with pytest.raises(NewstuneError, match=message):
+        resume(run_dir)
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_checkpoint_with_a_huge_header_is_refused(tmp_path):
+    path = tmp_path / "last.safetensors"
+    path.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(NewstuneError, match="not a readable newstune checkpoint"):
+        load_weights(path)
+
+
+def test_checkpoint_names_are_the_same_with_and_without_compile(tiny_models):
+    from newstune.train import trainable_state
+
+    config = validate(tiny_config(tiny_models["bert"], Path(".")))
+    from newstune.model import build_model
+
+    model = build_model(config.model, config.lora, ["a", "b", "c"]).model
+    plain = trainable_state(model)
+    wrapped = trainable_state(torch.compile(model))  # named _orig_mod.* by the wrapper; compiled lazily, never run
+    assert set(plain) == set(wrapped) and not any("_orig_mod" in k for k in wrapped)

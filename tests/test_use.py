@@ -251,3 +251,28 @@ def test_predict_builds_liar_text_as_training_did(runs, tmp_path):
     missing = tmp_path / "no_statement.jsonl"
     missing.write_text(json.dumps({"text": "stock market"}) + "\n")
     assert predict_file(liar_run, missing, tmp_path / "out2.jsonl")["errors"] == 1
+
+
+def test_predict_labels_good_rows_and_gives_bad_ones_their_own_error(runs, tmp_path, monkeypatch):
+    """A formula text, a lone surrogate, an over-long row, a control-only text and a good row in one file: fails if
+    any bad row takes the file down (the surrogate once killed the whole CSV), if an over-long row reaches the
+    tokenizer, or if a cell of the CSV output starts with '=' (spreadsheet formula injection)."""
+    import csv
+
+    import newstune.predict
+
+    monkeypatch.setattr(newstune.predict, "MAX_ROW_CHARS", 500)
+    good = synthetic_rows(1, 4)[0][0]
+    rows = [{"text": "=HYPERLINK(\"http://evil\")+goal match team"}, {"text": "goal \ud800 match"},
+            {"text": "goal " * 200}, {"text": "\x07\x1b"}, {"text": good}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    counts = predict_file(load_run(runs["topics"]), source, tmp_path / "out.csv")
+    assert counts == {"rows": 5, "predicted": 2, "errors": 3}
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        out = list(csv.DictReader(handle))
+    assert out[0]["predicted_label"] and out[0]["text"].startswith("'=")
+    assert "lone surrogate" in out[1]["error"] and "over the 500" in out[2]["error"]
+    assert "no visible character" in out[3]["error"]
+    assert out[4]["predicted_label"] and not out[4]["error"]
+    assert not any(cell.startswith(("=", "+", "@")) for row in out for cell in row.values())

@@ -29,15 +29,19 @@ from newstune.tuning import fit_decision
 DESCRIPTION = "TF-IDF word 1-2 + char_wb 2-5 n-grams, LinearSVC"
 C_GRID = (0.1, 0.3, 1.0)
 CLASS_WEIGHTS = (None, "balanced")
+MIN_DF_ROWS = 1000
 SUMMARY_KEYS = ("accuracy", "macro_f1", "micro_f1", "loss", "n")
 
 
-def vectorizer() -> FeatureUnion:
-    """sublinear tf and min_df=2 on both views; fitted on training texts only."""
-    return FeatureUnion([
-        ("word", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True)),
-        ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True)),
-    ])
+def vectorizer(n_texts: int, words: bool = True) -> FeatureUnion:
+    """sublinear tf on both views, n-grams seen in two or more texts (every n-gram on a small training split);
+    fitted on training texts only."""
+    min_df = 2 if n_texts >= MIN_DF_ROWS else 1
+    views = [("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=min_df, sublinear_tf=True))]
+    if words:
+        views.insert(0, ("word", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=min_df,
+                                                 sublinear_tf=True)))
+    return FeatureUnion(views)
 
 
 def record_columns(texts: list[str]) -> csr_matrix | None:
@@ -57,8 +61,12 @@ class Features:
 
     @classmethod
     def fit(cls, texts: list[str]) -> Features:
-        union = vectorizer()
-        union.fit(texts)
+        union = vectorizer(len(texts))
+        try:
+            union.fit(texts)
+        except ValueError:  # no word of two or more letters in any text (codes, numbers): characters alone
+            union = vectorizer(len(texts), words=False)
+            union.fit(texts)
         return cls(union, record_columns(texts) is not None)
 
     def transform(self, texts: list[str]) -> csr_matrix:

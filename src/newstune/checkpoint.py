@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from newstune.errors import NewstuneError
@@ -70,7 +70,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {}).get("newstune", "{}"))
             return {key: handle.get_tensor(key) for key in handle.keys()}, meta
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # a damaged or hostile header too (no traceback)
         raise NewstuneError(f"{path} is not a readable newstune checkpoint ({str(err)[:120]}); "
                             "start a new run") from None
 

@@ -6,6 +6,7 @@ so a temperature, a binary threshold, per-class biases or per-label thresholds a
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -30,17 +31,54 @@ class Decision:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "decision") -> Decision:
+        if not isinstance(data, dict):
+            raise NewstuneError(f"{source}: expected a JSON object of decision keys; re-create it with "
+                                "`newstune calibrate RUN`")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise NewstuneError(f"{source}: unknown decision key(s) {unknown}; known keys are {sorted(known)} "
                                 "(re-create it with `newstune calibrate RUN`)")
+        problem = _problem(data)
+        if problem:
+            raise NewstuneError(f"{source}: {problem}; the file was changed or damaged: re-create it with "
+                                "`newstune calibrate RUN`")
         return cls(**data)
 
     def uncalibrated(self) -> Decision:
         """The same rule on the raw logits (temperature 1), for before/after calibration figures."""
         return Decision(threshold=self.threshold, class_bias=self.class_bias, multi_label=self.multi_label,
                         label_thresholds=self.label_thresholds)  # no temperature, no logit_bias
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problem(data: dict) -> str | None:
+    """What is wrong with a decision file's values (a run folder is shared: never trust it), or None.
+
+    A zero temperature gave NaN probabilities and a negative one inverted every label."""
+    temperature = data.get("temperature", 1.0)
+    temperatures = temperature if isinstance(temperature, list) else [temperature]
+    if not temperatures or not all(_finite(t) and t > 0 for t in temperatures):
+        return f"temperature must be a positive number or a list of them (got {temperature!r})"
+    threshold = data.get("threshold")
+    if threshold is not None and not (_finite(threshold) and 0 < threshold < 1):
+        return f"threshold must be between 0 and 1 (got {threshold!r})"
+    for key in ("class_bias", "logit_bias"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, list) and value and all(_finite(v) for v in value)):
+            return f"{key} must be a list of numbers (got {value!r})"
+    thresholds = data.get("label_thresholds")
+    if thresholds is not None and not (isinstance(thresholds, list) and thresholds
+                                       and all(_finite(t) and 0 <= t <= 1 for t in thresholds)):
+        return f"label_thresholds must be a list of numbers between 0 and 1 (got {thresholds!r})"
+    if not isinstance(data.get("multi_label", False), bool):
+        return f"multi_label must be true or false (got {data.get('multi_label')!r})"
+    if data.get("calibration", "none") not in ("none", "temperature", "vector"):
+        return f"calibration must be none, temperature or vector (got {data.get('calibration')!r})"
+    return None
 
 
 def as_decision(decision: Decision | float | None) -> Decision:

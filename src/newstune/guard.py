@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,13 +12,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Characters that show nothing: controls, zero-width/format characters, surrogates, spaces and separators.
-_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
-VISIBLE = "a character that is not whitespace, a control or a zero-width/format character"
-
-
-def has_visible(text: str) -> bool:
-    return not all(unicodedata.category(char) in _INVISIBLE for char in text)
+from newstune.data.text import VISIBLE, has_visible  # noqa: F401 -- one rule for the service and predict
 
 
 class Problem(BaseModel):

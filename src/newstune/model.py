@@ -182,13 +182,20 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, head: list[str]) -> P
 
 
 def hold_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast frozen floating-point weights once (autocast would re-cast them every step). Returns count cast."""
+    """Cast frozen floating-point weights once (autocast would re-cast them every step). Returns count cast.
+
+    A module that also holds a trainable parameter (a LayerNorm whose bias trains under `lora.bias: all`) keeps its
+    frozen ones in their dtype: ops such as layer_norm need weight and bias in one dtype."""
     count = 0
     with torch.no_grad():
-        for param in model.parameters():
-            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-                count += 1
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if any(p.requires_grad for p in own):
+                continue
+            for param in own:
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+                    count += 1
     return count
 
 

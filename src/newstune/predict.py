@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from newstune import decisions
 from newstune.data.files import JsonlRow, iter_jsonl, reading
 from newstune.data.registry import record_input_text
-from newstune.data.text import clean_text
+from newstune.data.text import VISIBLE, clean_text, has_lone_surrogate, has_visible
 from newstune.errors import NewstuneError
 from newstune.run import LoadedRun
 from newstune.staging import staged_file
@@ -84,13 +84,33 @@ def _jsonl_chunks(path: Path) -> Iterator[list[JsonlRow]]:
 
 
 def row_text(record: dict | None, run: LoadedRun) -> tuple[str | None, str | None]:
+    """The row's text as training built it, or why this row gets no prediction (the other rows still do)."""
     if record is None:
         return None, None
     try:
-        text = clean_text(record_input_text(record, run.config.data), run.config.data.clean)
+        raw = record_input_text(record, run.config.data)
     except NewstuneError as err:
         return None, str(err)
-    return (text, None) if text else (None, "empty text")
+    if len(raw) > MAX_ROW_CHARS:  # before cleaning and tokenization: a 100 MB row once took 14 GB there
+        return None, f"text of {len(raw):,} characters is over the {MAX_ROW_CHARS:,} a row may hold; split it"
+    if has_lone_surrogate(raw):
+        return None, "text holds a lone surrogate (invalid Unicode); fix the encoding of this row"
+    text = clean_text(raw, run.config.data.clean)
+    if not text:
+        return None, "empty text"
+    return (text, None) if has_visible(text) else (None, f"text has no visible character (needs {VISIBLE})")
+
+
+def neutral_cell(value: object) -> object:
+    """A CSV/TSV cell a spreadsheet will not run as a formula (OWASP CSV injection): text that begins with =, +, -,
+    @, a tab or a carriage return gets a leading apostrophe. Numbers are left alone."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+MAX_ROW_CHARS = 100_000  # far beyond what max_length tokens read; bounds memory before tokenization
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class OutputWriter:
@@ -99,7 +119,8 @@ class OutputWriter:
     def __init__(self, path: Path, label_names: list[str], kind: str | None = None) -> None:
         self.kind = kind or file_kind(path)
         self.label_names = label_names
-        self.handle = path.open("w", newline="")
+        # a lone surrogate in an echoed input column is written escaped instead of failing the whole file
+        self.handle = path.open("w", newline="", encoding="utf-8", errors="backslashreplace")
         self.writer: csv.DictWriter | None = None
 
     def write(self, record: dict) -> None:
@@ -112,8 +133,8 @@ class OutputWriter:
             fields = [*flat.keys(), *(f"prob_{n}" for n in self.label_names if f"prob_{n}" not in flat)]
             self.writer = csv.DictWriter(self.handle, fieldnames=fields, delimiter="\t" if self.kind == "tsv" else ",",
                                          extrasaction="ignore")
-            self.writer.writeheader()
-        self.writer.writerow(flat)
+            self.writer.writerow({name: neutral_cell(name) for name in fields})
+        self.writer.writerow({k: neutral_cell(v) for k, v in flat.items()})
 
     def close(self) -> None:
         self.handle.close()

@@ -111,7 +111,11 @@ def read_decision(run_dir: Path, metrics: dict | None = None) -> Decision:
     """The run's decision rule; a run made before decision.json existed keeps its binary threshold, nothing else."""
     path = Path(run_dir) / DECISION_FILE
     if path.is_file():
-        return Decision.from_dict(json.loads(path.read_text()), str(path))
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise NewstuneError(f"{path}: not valid JSON; re-create it with `newstune calibrate RUN`") from None
+        return Decision.from_dict(data, str(path))
     metrics = read_metrics(run_dir) if metrics is None else metrics
     return Decision(threshold=metrics.get("threshold"))
 

@@ -73,7 +73,11 @@ def _shared_key(name: str) -> str | None:
 
 
 def share_base_weights(model: torch.nn.Module, shared: dict[str, torch.nn.Parameter]) -> int:
-    """Point this model's frozen base weights at the tensors already in `shared` (adding new ones). Returns reused."""
+    """Point this model's frozen base weights at the tensors already in `shared` (adding new ones). Returns reused.
+
+    Only a bit-identical tensor is shared: a full fine-tune's encoder, or the trained biases of a `bias: all` LoRA
+    run, have the base model's names but their own values, and sharing by name gave such a run another run's
+    weights (and its answers)."""
     reused = 0
     for module_name, module in model.named_modules():
         for local, param in list(module.named_parameters(recurse=False)):
@@ -81,11 +85,12 @@ def share_base_weights(model: torch.nn.Module, shared: dict[str, torch.nn.Parame
             if key is None or param.requires_grad:
                 continue
             existing = shared.get(key)
-            if existing is not None and existing.shape == param.shape and existing.dtype == param.dtype:
+            if existing is None:
+                shared[key] = param
+            elif (existing.shape == param.shape and existing.dtype == param.dtype
+                  and torch.equal(existing, param)):
                 setattr(module, local, existing)
                 reused += 1
-            else:
-                shared[key] = param
     return reused
 
 

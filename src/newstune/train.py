@@ -164,8 +164,13 @@ def layer_depth(name: str, n_layers: int) -> int:
     return n_layers + 1 if "embeddings." in name else 0
 
 
+def plain_name(name: str) -> str:
+    """A parameter name without torch.compile's wrapper prefix: checkpoints resume with compile on or off."""
+    return name.replace("_orig_mod.", "")
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {plain_name(name): p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 # ---------------------------------------------------------------- the trainer
@@ -307,18 +312,49 @@ class Trainer:
         if not path.is_file():
             raise NewstuneError(f"{self.run_dir} has no checkpoint to resume from ({CHECKPOINT})")
         tensors, meta = load_weights(path)
-        trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
-        self.accelerator.unwrap_model(self.model).load_state_dict(trainable, strict=False)
-        load_optimizer_state(self.optimizer, meta["optimizer"], tensors)
-        self.scheduler.load_state_dict(meta["scheduler"])
-        if "scaler" in meta and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(meta["scaler"])
-        self.state = TrainState(**meta["state"])
+        trainable = {plain_name(k.removeprefix("trainable.")): v for k, v in tensors.items()
+                     if k.startswith("trainable.")}
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if set(trainable) != set(expected) or any(trainable[k].shape != p.shape for k, p in expected.items()):
+            missing, unexpected = sorted(set(expected) - set(trainable)), sorted(set(trainable) - set(expected))
+            raise NewstuneError(f"{path}: its trainable tensors do not match this run's model (missing "
+                                f"{missing[:3]}, unexpected {unexpected[:3]}, or other shapes); the checkpoint was "
+                                "changed or belongs to another config: start a new run")
+        state = self._checked_state(path, meta)
+        try:
+            model.load_state_dict(trainable, strict=False)  # strict over the trainable names, checked above
+            load_optimizer_state(self.optimizer, meta["optimizer"], tensors)
+            self.scheduler.load_state_dict(meta["scheduler"])
+            if "scaler" in meta and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(meta["scaler"])
+            restore_rng(meta["rng"], tensors)  # checked here; restored again below at the right moment
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            raise NewstuneError(f"{path}: damaged resume state ({err.__class__.__name__}: {str(err)[:100]}); "
+                                "start a new run") from None
+        self.state = state
         # Creating a DataLoader iterator draws from the torch RNG: mid-epoch, restore after that draw.
         self.pending_rng = (meta["rng"], tensors) if self.state.step_in_epoch else None
         if self.pending_rng is None:
             restore_rng(meta["rng"], tensors)
         log.info("resumed at epoch %d, step %d", self.state.epoch, self.state.global_step)
+
+    def _checked_state(self, path: Path, meta: dict) -> TrainState:
+        """The counters of a checkpoint, refused unless they fit this run's config (a hand-edited step of 10^9
+        'finished' a run after 3 real steps)."""
+        try:
+            state = TrainState(**meta["state"])
+        except (KeyError, TypeError) as err:
+            raise NewstuneError(f"{path}: the checkpoint's training state is missing or has unknown fields "
+                                f"({str(err)[:80]}); start a new run") from None
+        counters = {"epoch": (state.epoch, math.ceil(self.config.train.epochs)),
+                    "global_step": (state.global_step, self.total_steps),
+                    "step_in_epoch": (state.step_in_epoch, self.steps_per_epoch)}
+        for name, (value, most) in counters.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+                raise NewstuneError(f"{path}: {name} {value!r} is outside 0..{most} for this run's config; the "
+                                    "checkpoint was changed or belongs to another config: start a new run")
+        return state
 
     # ------------------------------------------------------------ evaluation
 
@@ -554,8 +590,14 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         # the final evaluations and latency measure the model as saved, predicted with and served: full last layer
         restore_full_last_layer(model)
-        if (self.run_dir / BEST_WEIGHTS).is_file():
-            model.load_state_dict(load_weights(self.run_dir / BEST_WEIGHTS)[0], strict=False)
+        if (self.run_dir / BEST_WEIGHTS).is_file():  # plain names (trainable_state): load past torch.compile
+            best = load_weights(self.run_dir / BEST_WEIGHTS)[0]
+            plain = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            missing = set(best) - {name for name, _ in plain.named_parameters()}
+            if missing:
+                raise NewstuneError(f"{self.run_dir / BEST_WEIGHTS}: tensors {sorted(missing)[:3]} are not in this "
+                                    "run's model; the file was changed")
+            plain.load_state_dict(best, strict=False)
         _, val_logits = self.evaluate_split("validation")
         val_labels = np.asarray(self.bundle.splits["validation"].labels)
         self.decision = fit_decision(val_labels, val_logits.numpy(), self.config.eval, self.multi_label)

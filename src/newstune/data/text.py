@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 
 from newstune.config import CleanConfig
 from newstune.data.speaker_record import LIAR_CREDIT_FIELDS, credit_count, credit_text
@@ -93,3 +94,18 @@ def textualize_liar(row: dict[str, str], fields: list[str], credit_history: bool
     if credit_history:
         parts.append(credit_text({name: credit_count(row[name], name) for name in LIAR_CREDIT_FIELDS}))
     return " ".join(parts)
+
+
+# Characters that show nothing: controls, zero-width/format characters, surrogates, spaces and separators.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+VISIBLE = "a character that is not whitespace, a control or a zero-width/format character"
+
+
+def has_visible(text: str) -> bool:
+    """One rule for the service and predict: a text must hold something a reader can see."""
+    return not all(unicodedata.category(char) in _INVISIBLE for char in text)
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Half of a UTF-16 pair with no other half: not valid Unicode, and no UTF-8 file can hold it."""
+    return any("\ud800" <= char <= "\udfff" for char in text)
