@@ -53,3 +53,25 @@ def test_recipes_all_validate():
     assert len(recipes) >= 10
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_dependency_bounds_admit_the_tested_versions_and_no_newer_minor():
+    """pyproject's upper bounds follow constraints.txt (the versions CI tests): fails when a pin moves past a bound,
+    or a bound admits a newer minor release than the one tested (the code relies on their internals)."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).parents[1]
+    pins = dict(line.split("==") for line in (root / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    deps = [Requirement(d) for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    bounded = {d.name: d.specifier for d in deps if any(s.operator == "<" for s in d.specifier)}
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(bounded)
+    for name, specifier in bounded.items():
+        tested = Version(pins[name])
+        assert tested in specifier, f"{name} {tested} (constraints.txt) is outside {specifier}"
+        upper = next(Version(s.version) for s in specifier if s.operator == "<")
+        assert upper <= Version(f"{tested.major}.{tested.minor + 1}"), f"{name} {specifier} admits untested minors"
