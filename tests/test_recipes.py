@@ -24,7 +24,8 @@ PRECISIONS = ["auto", "fp32"] if cpu_has_native_bf16() else ["fp32"]
 def test_every_recipe_trains_a_few_steps(recipe, precision, tiny_models, tmp_path):
     raw = load_config(recipe)
     arch = "mpnet" if "mpnet" in raw.model.name else "bert"
-    overrides = [f"model.name={tiny_models[arch]}", "data.max_length=32", "data.max_train_rows=48", "data.max_eval_rows=24",
+    overrides = [f"model.name={tiny_models[arch]}", "data.max_length=32",
+                 "data.max_train_rows=48", "data.max_eval_rows=24",
                  "train.batch_size=8", f"train.precision={precision}", "train.threads=1",
                  "eval.latency_samples=0", "eval.extra=[]", "data.augment.eda=false"]
     if raw.lora.top_layers:

@@ -232,7 +232,8 @@ def test_served_full_fine_tunes_keep_their_own_weights(tiny_models, tiny_data, t
     own = {}
     for name, run_dir in (("first", first), ("second", second)):
         predict_file(load_run(run_dir), source, tmp_path / f"{name}.jsonl")
-        own[name] = [json.loads(line)["predicted_label"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        own[name] = [json.loads(line)["predicted_label"] for line in lines]
     assert own["first"] != own["second"]  # the two runs learnt different label orders
     with TestClient(create_app(load_served([f"first={first}", f"second={second}"]))) as client:
         for name in ("first", "second"):
