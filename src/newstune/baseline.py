@@ -22,7 +22,7 @@ from sklearn.svm import LinearSVC
 
 from newstune.config import EvalSettings
 from newstune.data.registry import DatasetBundle
-from newstune.data.speaker_record import record_numbers_from_text
+from newstune.data.speaker_record import LIAR_CREDIT_FIELDS, record_numbers_from_text
 from newstune.evaluate import classification_metrics
 from newstune.tuning import fit_decision
 
@@ -73,7 +73,7 @@ class Features:
         words = self.union.transform(texts)
         record = record_columns(texts) if self.with_record else None
         if self.with_record and record is None:  # a text without a record: zeros in the record's columns
-            record = csr_matrix((len(texts), 6))
+            record = csr_matrix((len(texts), len(LIAR_CREDIT_FIELDS) + 1))
         return hstack([words, record]).tocsr() if record is not None else words
 
 

@@ -65,14 +65,8 @@ def show_baseline_line(metrics: dict) -> None:
 
 
 def show_baseline(result: dict, label_names: list[str], title: str) -> None:
-    from newstune.evaluate import metrics_table
-
-    table = Table(title=f"{title}: {result['model']}")
-    for column in ("split", "accuracy", "macro-F1", "loss", "n", "recall per class"):
-        table.add_column(column)
-    for row in metrics_table({k: result[k] for k in ("validation", "test") if k in result}, label_names):
-        table.add_row(*row)
-    Console().print(table)
+    show_metrics({k: result[k] for k in ("validation", "test") if k in result}, label_names,
+                 f"{title}: {result['model']}")
     Console().print(f"chosen on validation: C={result['settings']['C']}, class_weight="
                     f"{result['settings']['class_weight']} | {result['features']:,} features | fit "
                     f"{result['fit_seconds']:.1f} s")
