@@ -275,10 +275,37 @@ def test_tokenization_is_cached(tmp_path):
     tokenizer = make_tokenizer(tmp_path / "tok")
     cache = tmp_path / "cache"
     ids = tokenize_texts(tokenizer, ["goal match", "stock market today"], 16, cache)
-    assert len(list(cache.glob("*.pt"))) == 1
+    assert len(list(cache.glob("*.safetensors"))) == 1
     assert tokenize_texts(tokenizer, ["goal match", "stock market today"], 16, cache) == ids
     tokenize_texts(tokenizer, ["goal match", "stock market today"], 4, cache)
-    assert len(list(cache.glob("*.pt"))) == 2
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+class _Planted:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_planted_or_damaged_cache_entry_is_never_unpickled(tmp_path, monkeypatch):
+    """Fails if the cache is read with torch.load / pickle (a planted entry would run code even where torch's
+    weights_only default is switched off), or if a damaged entry is trusted instead of tokenizing again."""
+    import torch
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    cache = tmp_path / "cache"
+    texts = ["goal match", "stock market today"]
+    ids = tokenize_texts(tokenizer, texts, 16, cache)
+    entry = next(cache.glob("*.safetensors"))
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(marker), entry)
+    assert tokenize_texts(tokenizer, texts, 16, cache) == ids
+    assert not marker.exists()
+    entry.write_bytes(entry.read_bytes()[:-3])  # the rewritten entry, truncated
+    assert tokenize_texts(tokenizer, texts, 16, cache) == ids
 
 
 # ------------------------------------------------------------------ the real data in ../shared/data

@@ -15,6 +15,7 @@ from newstune.config import RunConfig, dump_config, validate
 from newstune.decisions import Decision
 from newstune.errors import NewstuneError
 from newstune.model import hold_frozen_in, load_saved_model, load_tokenizer
+from newstune.run_files import check_export, check_labels, check_metrics
 
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "label_map.json"
@@ -74,17 +75,40 @@ def require_run(run_dir: Path) -> Path:
 def read_config(run_dir: Path) -> RunConfig:
     import yaml
 
-    run_dir = require_run(run_dir)
-    return validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()), str(run_dir / CONFIG_FILE))
+    path = require_run(run_dir) / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise NewstuneError(f"{path}: not valid YAML ({err.__class__.__name__}); the file was changed or damaged: "
+                            "ask the run's author for the original") from None
+    if not isinstance(raw, dict):
+        raise NewstuneError(f"{path}: expected a mapping of config sections; the file was changed or damaged: "
+                            "ask the run's author for the original")
+    return validate(raw, str(path))
+
+
+def read_json(path: Path, fix: str) -> object:
+    """A run file's JSON, or one line naming the file when it is not JSON (UTF-8)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise NewstuneError(f"{path}: not valid JSON; the file was changed or damaged: {fix}") from None
+    except OSError as err:
+        raise NewstuneError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
 
 
 def read_labels(run_dir: Path) -> list[str]:
-    return json.loads((Path(run_dir) / LABELS_FILE).read_text())
+    path = Path(run_dir) / LABELS_FILE
+    if not path.is_file():
+        raise NewstuneError(f"{path} is missing; a run needs its label list: ask the run's author for it")
+    return check_labels(read_json(path, "restore it from the run's author"), path)
 
 
 def read_metrics(run_dir: Path) -> dict:
     path = Path(run_dir) / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return check_metrics(read_json(path, "re-create it with `newstune evaluate RUN`"), path)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
@@ -132,7 +156,8 @@ def read_exports(run_dir: Path) -> list[dict]:
     """The checks of every finished backend export in the run, each with its `folder`."""
     found = []
     for checks_file in sorted((Path(run_dir) / EXPORTS_DIR).glob(f"*/{EXPORT_CHECKS_FILE}")):
-        found.append({**json.loads(checks_file.read_text()), "folder": str(checks_file.parent)})
+        checks = read_json(checks_file, f"delete {checks_file.parent} and export again")
+        found.append({**check_export(checks, checks_file), "folder": str(checks_file.parent)})
     return found
 
 
@@ -158,6 +183,11 @@ class LoadedRun:
         return self.scorer.name if self.scorer is not None else f"torch-{self.precision}"
 
 
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:160] + "...") if len(text) > 160 else text or err.__class__.__name__
+
+
 def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backend: str = "torch") -> LoadedRun:
     """The run's best model; as_trained keeps the dtype layout it was evaluated in (else plain fp32).
 
@@ -172,8 +202,15 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     metrics = read_metrics(run_dir)
     precision = metrics.get("efficiency", {}).get("precision", "fp32")
     decision = read_decision(run_dir, metrics)
-    model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation,
-                             decision.multi_label)
+    try:
+        model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation,
+                                 decision.multi_label)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise NewstuneError(f"{run_dir / MODEL_DIR}: the saved model cannot be loaded ({one_line(err)}); its files "
+                            f"or {LABELS_FILE} were changed or damaged: ask the run's author for the original") from None
+    if model.config.num_labels != len(labels):
+        raise NewstuneError(f"{run_dir / LABELS_FILE}: names {len(labels)} labels but the saved model has "
+                            f"{model.config.num_labels} outputs; the file was changed: restore it from the run's author")
     if not as_trained:
         precision = "fp32"
     elif metrics.get("efficiency", {}).get("frozen_weights_dtype") == "bf16":
@@ -184,8 +221,13 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     run.scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
     chosen = choose_export(read_exports(run_dir), backend) if device == "cpu" else None
     if chosen is not None:
-        run.scorer = export_scorer(Path(chosen["folder"]), chosen["backend"], chosen["precision"],
-                                   tokenizer.pad_token_id)
+        try:
+            run.scorer = export_scorer(Path(chosen["folder"]), chosen["backend"], chosen["precision"],
+                                       tokenizer.pad_token_id)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise NewstuneError(f"{chosen['folder']}: the {chosen['backend']} export cannot be loaded "
+                                f"({one_line(err)}); delete the folder and export again, or pass --backend torch") \
+                from None
         run.backend_reason = (f"{chosen['speed']['speedup']:.2f}x PyTorch on validation, macro-F1 "
                               f"{chosen['validation']['macro_f1_delta_points']:+.2f} points")
     elif backend == "auto":

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
@@ -36,9 +38,11 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache: Path | N
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\x00")
-    path = cache / f"{digest.hexdigest()[:24]}.pt" if cache is not None else None
+    path = cache / f"{digest.hexdigest()[:24]}.safetensors" if cache is not None else None
     if path is not None and path.is_file():
-        return torch.load(path)
+        cached = _read_cached(path, len(texts))
+        if cached is not None:
+            return cached
     ids = []
     chunks = range(0, len(texts), TOKENIZE_CHUNK)
     for start in tqdm(chunks, desc="tokenize", unit="chunk", disable=len(chunks) < 4, leave=False):
@@ -46,9 +50,24 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache: Path | N
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one launch may write the same entry at once
-        torch.save(ids, tmp)
+        lengths = torch.tensor([len(row) for row in ids], dtype=torch.int64)
+        flat = torch.tensor([token for row in ids for token in row], dtype=torch.int32)
+        save_file({"ids": flat, "lengths": lengths}, str(tmp))
         tmp.replace(path)
     return ids
+
+
+def _read_cached(path: Path, n_texts: int) -> list[list[int]] | None:
+    """A cache entry as lists of ids; None (tokenize again) when it is damaged. Safetensors, never a pickle: the
+    cache folder is a file any process could have written."""
+    try:
+        tensors = load_file(str(path))
+        flat, lengths = tensors["ids"], tensors["lengths"]
+        if lengths.numel() != n_texts or int(lengths.sum()) != flat.numel() or bool((lengths < 0).any()):
+            return None
+    except (SafetensorError, KeyError, OSError, RuntimeError):
+        return None
+    return [chunk.tolist() for chunk in torch.split(flat, lengths.tolist())]
 
 
 class EncodedDataset(Dataset):
