@@ -207,10 +207,11 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
                                  decision.multi_label)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise NewstuneError(f"{run_dir / MODEL_DIR}: the saved model cannot be loaded ({one_line(err)}); its files "
-                            f"or {LABELS_FILE} were changed or damaged: ask the run's author for the original") from None
+                            f"or {LABELS_FILE} were changed or damaged: ask the run's author for the original") \
+            from None
     if model.config.num_labels != len(labels):
         raise NewstuneError(f"{run_dir / LABELS_FILE}: names {len(labels)} labels but the saved model has "
-                            f"{model.config.num_labels} outputs; the file was changed: restore it from the run's author")
+                            f"{model.config.num_labels} outputs; the file was changed: restore it from its author")
     if not as_trained:
         precision = "fp32"
     elif metrics.get("efficiency", {}).get("frozen_weights_dtype") == "bf16":
