@@ -200,7 +200,9 @@ def test_calibrate_refits_an_old_run_and_keeps_its_earlier_metrics(biased_run, t
     assert len(backups) == 1 and json.loads(backups[0].read_text()) == metrics
     new = read_metrics(old)
     assert new["efficiency"] == metrics["efficiency"]  # nothing else is lost
-    assert new["calibration"]["method"] == "temperature" and "ece_after" in new["calibration"]["test"]
+    assert new["calibration"]["method"] in ("temperature", "none") and "ece_after" in new["calibration"]["test"]
+    # the tiny run's temperature lowers the log loss but bins worse: dropped, never a worse validation ECE
+    assert new["calibration"]["validation"]["ece_after"] <= new["calibration"]["validation"]["ece_before"]
     assert load_run(old).decision == Decision.from_dict(new["decision"]) == Decision.from_dict(
         result["metrics"]["decision"])
     calibrate_run(old)  # a second refit keeps both earlier files
@@ -364,3 +366,20 @@ def test_a_decision_file_that_is_not_json_is_refused(tmp_path):
     (tmp_path / "decision.json").write_text("{temperature: ")
     with pytest.raises(NewstuneError, match="decision.json: not valid JSON"):
         read_decision(tmp_path)
+
+
+def test_a_scaling_that_raises_the_validation_ece_is_dropped(monkeypatch):
+    """Fails if a temperature that bins worse on validation is kept and the run (and its card) called calibrated."""
+    import newstune.tuning
+    from newstune.config import EvalSettings
+    from newstune.tuning import fit_decision
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 600)
+    logits = rng.normal(0, 1, (600, 3))
+    logits[np.arange(600), truth] += 1.0  # moderately confident, roughly calibrated
+    monkeypatch.setattr(newstune.tuning, "fit_scaling", lambda *a, **k: (0.1, None))  # 10x over-confident
+    decision = fit_decision(truth, logits, EvalSettings(calibration="temperature"), multi_label=False)
+    assert decision.calibration == "none" and decision.temperature == 1.0
+    monkeypatch.setattr(newstune.tuning, "fit_scaling", lambda *a, **k: (1.0, None))
+    assert fit_decision(truth, logits, EvalSettings(calibration="temperature"), False).calibration == "temperature"

@@ -115,3 +115,16 @@ def test_a_garbage_openvino_model_is_refused_with_one_line(run, tmp_path, capsys
     line = _refused(["predict", run, "--input", texts, "--output", tmp_path / "out.csv", "--backend", "openvino"],
                     capsys, monkeypatch)
     assert str(folder) in line and "cannot be loaded" in line and "--backend torch" in line, line
+
+
+def test_report_never_overwrites_an_earlier_report(run, tmp_path, capsys, monkeypatch):
+    """Fails if a second `newstune report` into the same folder replaces the first one's comparison.md."""
+    out = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", ["newstune", "report", str(run), "--output-dir", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    first = (out / "comparison.md").read_bytes()
+    line = _refused(["report", run, "--output-dir", out], capsys, monkeypatch)
+    assert "already holds a report (comparison.md)" in line and "--output-dir" in line
+    assert (out / "comparison.md").read_bytes() == first

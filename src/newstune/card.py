@@ -67,7 +67,8 @@ def intended_use(config: RunConfig, decision: Decision) -> list[str]:
             if decision.threshold is not None else "the argmax after per-class offsets (tuned on validation)"
             if decision.class_bias else "the most probable class")
     purpose = PURPOSE.get(config.data.name, PURPOSE["files"])
-    calibrated = ("Probabilities are not calibrated (eval.calibration: none)." if decision.calibration == "none" else
+    calibrated = ("Probabilities are not calibrated (eval.calibration: none, or the fitted scaling did not lower the "
+                  "validation ECE and was dropped)." if decision.calibration == "none" else
                   f"Probabilities are calibrated on the validation split ({decision.calibration} scaling), so they are "
                   "meant to be read as probabilities on data like the training data.")
     return ["## Intended use", "",

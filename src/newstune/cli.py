@@ -319,10 +319,11 @@ def report(
     output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the table and plots go.")] = Path("report"),
 ) -> None:
     """The comparison table and plots for existing runs; with seed groups (train --seeds), the mean ± spread table."""
-    from newstune.report import report_runs
+    from newstune.report import refuse_earlier_report, report_runs
     from newstune.seed_table import write_seed_table
     from newstune.seeds import is_seed_group
 
+    refuse_earlier_report(output_dir)
     if any(is_seed_group(run) for run in runs):
         write_seed_table(runs, output_dir)
     else:

@@ -117,6 +117,17 @@ def markdown(rows: list[dict]) -> str:
     return markdown_table([title for _, title in COLUMNS], cells)
 
 
+REPORT_FILES = ("comparison.md", "comparison.json", "comparison.csv", "results.md", "results.json")
+
+
+def refuse_earlier_report(out_dir: Path) -> None:
+    """`report` writes into a folder (default ./report): an earlier report there is a result, never overwritten."""
+    found = [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+    if found:
+        raise NewstuneError(f"{out_dir} already holds a report ({found[0]}); choose another --output-dir "
+                            "(reports are never overwritten)")
+
+
 def write_report(rows: list[dict], out_dir: Path, console_title: str = "comparison") -> None:
     """comparison.md / .csv / .json and the plots; prints the table."""
     import csv

@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score
 from newstune.calibration import fit_scaling
 from newstune.config import EvalSettings
 from newstune.decisions import Decision, labels, probabilities
-from newstune.evaluate import THRESHOLD_GRID, tune_threshold
+from newstune.evaluate import THRESHOLD_GRID, confidence_outcome, expected_calibration_error, tune_threshold
 
 BIAS_GRID = np.round(np.linspace(-2.0, 2.0, 21), 2)  # offsets on log-probabilities
 BIAS_ROUNDS = 3
@@ -22,11 +22,15 @@ def fit_decision(truth: np.ndarray, logits: np.ndarray, settings: EvalSettings, 
     truth, logits = np.asarray(truth), np.asarray(logits, dtype=np.float64)
     temperature: float | list[float] = 1.0
     offsets = None
-    if settings.calibration != "none":
-        vector = settings.calibration == "vector"
+    method = settings.calibration
+    if method != "none":
+        vector = method == "vector"
         temperature, offsets = fit_scaling(logits, truth, multi_label, per_class=vector, offsets=vector)
-    decision = Decision(temperature=temperature, multi_label=multi_label, calibration=settings.calibration,
-                        logit_bias=offsets)
+        if _ece(truth, logits, Decision(temperature=temperature, multi_label=multi_label, logit_bias=offsets)) > \
+                _ece(truth, logits, Decision(multi_label=multi_label)):
+            # a lower log loss can still bin worse (small validation sets): the card must not call that calibrated
+            temperature, offsets, method = 1.0, None, "none"
+    decision = Decision(temperature=temperature, multi_label=multi_label, calibration=method, logit_bias=offsets)
     probs = probabilities(logits, decision)
     if multi_label and settings.tune_threshold:
         return replace(decision, label_thresholds=tune_label_thresholds(truth, probs))
@@ -36,6 +40,10 @@ def fit_decision(truth: np.ndarray, logits: np.ndarray, settings: EvalSettings, 
     if probs.shape[1] > 2 and not multi_label and settings.tune_class_bias:
         return replace(decision, class_bias=tune_class_bias(truth, probs))
     return decision
+
+
+def _ece(truth: np.ndarray, logits: np.ndarray, decision: Decision) -> float:
+    return expected_calibration_error(*confidence_outcome(truth, probabilities(logits, decision), decision))
 
 
 def tune_label_thresholds(truth: np.ndarray, probs: np.ndarray) -> list[float]:
