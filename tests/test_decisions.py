@@ -383,3 +383,13 @@ def test_a_scaling_that_raises_the_validation_ece_is_dropped(monkeypatch):
     assert decision.calibration == "none" and decision.temperature == 1.0
     monkeypatch.setattr(newstune.tuning, "fit_scaling", lambda *a, **k: (1.0, None))
     assert fit_decision(truth, logits, EvalSettings(calibration="temperature"), False).calibration == "temperature"
+
+
+def test_label_names_are_literal_text_in_the_card():
+    """Fails if a label name from the data reaches the card's Markdown raw: a `|` splits the table, `<script>`
+    renders as HTML on the hub."""
+    from newstune.card import md_text
+
+    assert md_text("<script>alert(1)</script>") == r"\<script\>alert\(1\)\</script\>"
+    assert md_text("a|b") == r"a\|b" and md_text("[x](http://e)") == r"\[x\]\(http://e\)"
+    assert md_text("line\nbreak") == "line break"

@@ -6,6 +6,7 @@ with the run; `newstune calibrate` writes it again after refitting.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -94,13 +95,20 @@ def data_section(config: RunConfig, metrics: dict) -> list[str]:
     return [*lines, ""]
 
 
+def md_text(text: str) -> str:
+    """A label name as literal Markdown table text: a name comes from the user's data (or a shared run), so `<`,
+    `|`, `*`, `[`... must neither break the table nor render as HTML or links on the hub."""
+    text = " ".join(str(text).split())
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+
+
 def label_section(config: RunConfig, labels: list[str]) -> list[str]:
     how = {"liar": "LIAR's six ratings; binary maps pants-fire, false, barely-true -> fake and half-true, "
                    "mostly-true, true -> true." if config.data.labels == "binary" else "LIAR's six ratings.",
            "liar_subjects": f"LIAR's comma-separated subject column; the {config.data.top_labels or len(labels)} "
                             "most frequent training subjects are the labels.",
            "huffpost": "HuffPost categories" + (", renamed ones merged" if config.data.merge_categories else "") + "."}
-    rows = [[str(i), name] for i, name in enumerate(labels)]
+    rows = [[str(i), md_text(name)] for i, name in enumerate(labels)]
     return ["## Labels", "", how.get(config.data.name, "Label names as in the data, in this order."), "",
             markdown_table(["index", "label"], rows), ""]
 
@@ -114,7 +122,7 @@ def evaluation_section(metrics: dict, labels: list[str]) -> list[str]:
              *([fmt(metrics[s]["micro_f1"]), fmt(metrics[s]["hamming_loss"])] if multi else []),
              fmt(metrics[s]["loss"]), fmt(metrics[s].get("ece")), fmt(metrics[s].get("brier"))] for s in splits]
     final = "test" if "test" in metrics else "validation"
-    per_class = [[name, fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"]), str(c["support"])]
+    per_class = [[md_text(name), fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"]), str(c["support"])]
                  for name, c in metrics[final]["per_class"].items()]
     return ["## Evaluation", "", markdown_table(head, rows), "", f"Per class ({final}):", "",
             markdown_table(["label", "precision", "recall", "F1", "support"], per_class), ""]
