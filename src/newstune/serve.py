@@ -30,8 +30,9 @@ from newstune.run import load_run, read_metrics
 
 MAX_TEXTS = 64
 MAX_CHARS = 5000
-# json.dumps' default writes non-ASCII as \uXXXX, 6 bytes a character; 64 KiB more covers the JSON around the texts.
-MAX_BODY_BYTES = MAX_TEXTS * MAX_CHARS * 6 + 64 * 1024
+# json.dumps' default writes non-ASCII as \uXXXX: 6 bytes a character, 12 for one outside the BMP (an emoji is a
+# surrogate pair, \ud83d\ude00); 64 KiB more covers the JSON around the texts. So the largest valid request fits.
+MAX_BODY_BYTES = MAX_TEXTS * MAX_CHARS * 12 + 64 * 1024
 
 
 @dataclass
