@@ -70,7 +70,7 @@ def test_a_100_mb_body_gets_413_without_being_read(app, headers):
 
 @pytest.mark.parametrize("char", ["é", "\U0001F600"], ids=["bmp-6-bytes", "emoji-12-bytes"])
 def test_the_largest_valid_request_fits_under_the_body_cap(app, char):
-    """Fails if the body cap is sized for 6-byte escapes only: 64 texts of 5,000 emoji (valid by the schema) were 413."""
+    """Fails if the body cap is sized for 6-byte escapes only: 64 texts of 5,000 emoji (schema-valid) got 413."""
     body = {"model": "topics", "texts": [char * MAX_CHARS] * MAX_TEXTS}
     assert len(json.dumps(body)) > MAX_TEXTS * MAX_CHARS * (6 if char == "é" else 12)
     with TestClient(app) as client:
