@@ -89,3 +89,22 @@ def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_mode
     metrics = trainer.finish()
     # the saved model, predict and serve run the full layer: latency and eval speed are measured on that
     assert "forward" not in vars(last_layer) and metrics["efficiency"]["first_token_last_layer"]
+
+
+def test_a_layer_copy_that_disagrees_switches_itself_off(tiny_models, monkeypatch, caplog):
+    """Fails if a first-token forward that no longer matches transformers' layer (a changed release) is installed
+    anyway: training would silently run a different model."""
+    import newstune.first_token as first_token
+
+    real = first_token._bert_layer_forward
+
+    def drifted(layer):
+        forward = real(layer)
+        return lambda *args, **kwargs: forward(*args, **kwargs) * 1.5
+
+    monkeypatch.setattr(first_token, "_bert_layer_forward", drifted)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
+    with caplog.at_level("WARNING", logger="newstune.first_token"):
+        assert not run_last_layer_on_first_token(model)
+    assert "forward" not in vars(model.bert.encoder.layer[-1])
+    assert len(caplog.records) == 1 and "first-token last layer off" in caplog.records[0].getMessage()

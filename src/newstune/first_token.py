@@ -10,11 +10,14 @@ and no attention weights: nothing in training reads them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+
+logger = logging.getLogger(__name__)
 
 # Heads that read only token 0 of the last hidden state.
 HEADS_READING_TOKEN_0 = frozenset({
@@ -31,12 +34,47 @@ def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
         return False
     layer = _last_layer(task_model)
     if hasattr(layer.attention, "self") and task_model.config._attn_implementation in ("sdpa", "eager"):
-        layer.forward = _bert_layer_forward(layer)
+        patched = _bert_layer_forward(layer)
     elif hasattr(layer.attention, "attn"):
-        layer.forward = _mpnet_layer_forward(layer)
+        patched = _mpnet_layer_forward(layer)
     else:
         return False
+    gap = _disagreement(task_model, layer, patched)
+    if gap is not None:
+        logger.warning("first-token last layer off: on a check batch it disagrees with the full layer (%s); this "
+                       "transformers version changed the layer it replaces, training runs the full layer", gap)
+        return False
+    layer.forward = patched
     return True
+
+
+def _disagreement(task_model: torch.nn.Module, layer: torch.nn.Module, patched: Callable) -> str | None:
+    """None when the patched layer gives the full layer's logits on one padded random batch, else what differs.
+
+    The layer's forward is a copy of transformers' code: a transformers release that changes the layer (its inputs,
+    its outputs, the attention interface) must switch this off, never train a different model silently.
+    """
+    param = next(task_model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, max(6, task_model.config.vocab_size), (2, 12), generator=generator).to(param.device)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # one padded row: the mask path must agree too
+    low_precision = param.dtype != torch.float32 or any(p.dtype != param.dtype for p in task_model.parameters())
+    was_training = task_model.training
+    task_model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(param.device.type, dtype=torch.bfloat16, enabled=low_precision):
+            full = task_model(input_ids=ids, attention_mask=mask).logits.float()
+            layer.forward = patched
+            first = task_model(input_ids=ids, attention_mask=mask).logits.float()
+    except Exception as err:  # noqa: BLE001 -- any failure of the copied forward is a disagreement, said in one line
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+    finally:
+        vars(layer).pop("forward", None)
+        task_model.train(was_training)
+    tolerance = (5e-2 if low_precision else 1e-4) * (1 + float(full.abs().max()))
+    worst = float((full - first).abs().max())
+    return None if worst <= tolerance else f"max |logit difference| {worst:.3g} > {tolerance:.3g}"
 
 
 def restore_full_last_layer(model: torch.nn.Module) -> None:
