@@ -9,27 +9,43 @@ import pytest
 from newstune import weights
 from newstune.errors import NewstuneError
 
+FILES = {"model.safetensors": b"the real weights", "config.json": b'{"model_type": "bert"}',
+         "tokenizer.json": b"{}", "tokenizer_config.json": b"{}", "special_tokens_map.json": b"{}",
+         "vocab.txt": b"[PAD]\n"}
 
-def model_folder(tmp_path, content: bytes):
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A model folder whose every loaded file has its hash in the (patched) manifest."""
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes(content)
+    for name, content in FILES.items():
+        (folder / name).write_bytes(content)
+    monkeypatch.setitem(weights.MODEL_FILES_SHA256, "minilm",
+                        {name: hashlib.sha256(content).hexdigest() for name, content in FILES.items()})
     return folder
 
 
-def test_weights_with_the_stored_hash_are_accepted(tmp_path, monkeypatch):
-    folder = model_folder(tmp_path, b"the real weights")
-    monkeypatch.setitem(weights.WEIGHT_SHA256, "minilm", hashlib.sha256(b"the real weights").hexdigest())
+def test_files_with_the_stored_hashes_are_accepted(folder):
     assert weights.check_weights("minilm", folder) == folder
 
 
-@pytest.mark.parametrize("content", [b"tampered weights", None])
-def test_tampered_or_missing_weights_are_refused(tmp_path, monkeypatch, content):
-    folder = model_folder(tmp_path, content or b"")
-    if content is None:
-        (folder / "model.safetensors").unlink()
-    monkeypatch.setitem(weights.WEIGHT_SHA256, "minilm", hashlib.sha256(b"the real weights").hexdigest())
-    with pytest.raises(NewstuneError, match="tampered, corrupt or missing.*newstune models install minilm"):
+@pytest.mark.parametrize("name", sorted(FILES))
+@pytest.mark.parametrize("change", ["tampered", "missing"])
+def test_every_loaded_file_is_hash_checked(folder, name, change):
+    """Fails if any file transformers loads (weights, config, tokenizer) is used without matching its hash."""
+    if change == "missing":
+        (folder / name).unlink()
+    else:
+        (folder / name).write_bytes(FILES[name] + b" ")
+    with pytest.raises(NewstuneError, match=f"{name} has SHA-256.*tampered, corrupt or missing.*models install minilm"):
+        weights.check_weights("minilm", folder)
+
+
+def test_a_planted_extra_tokenizer_file_is_refused(folder):
+    """Fails if a file transformers would also read (added_tokens.json changes the tokenizer) slips past the hashes."""
+    (folder / "added_tokens.json").write_text('{"[EVIL]": 9}')
+    with pytest.raises(NewstuneError, match="added_tokens.json is not part of the model"):
         weights.check_weights("minilm", folder)
 
 

