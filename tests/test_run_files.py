@@ -52,6 +52,8 @@ TAMPERS = {
                                   "test.accuracy"),
     "metrics unknown precision": ("metrics.json", lambda p: _edit_json(
         p, lambda m: m["efficiency"].update(precision="int4")), "efficiency.precision"),
+    "metrics split without accuracy": ("metrics.json", lambda p: _edit_json(p, lambda m: m["test"].pop("accuracy")),
+                                       "test.accuracy"),
     "metrics a list": ("metrics.json", lambda p: p.write_text("[1, 2]"), "JSON object"),
     "metrics not json": ("metrics.json", lambda p: p.write_text("{accuracy: "), "not valid JSON"),
     "metrics confusion strings": ("metrics.json", lambda p: _edit_json(

@@ -62,6 +62,8 @@ def _metrics(data: object) -> None:
     for key, section in data.items():
         if key in SPLIT_SECTIONS or key.startswith("extra:"):
             _scores(section, key)
+            for needed in ("n", "accuracy", "macro_f1"):  # what the card, report and tables read from every split
+                _need(needed in section, f"{key}.{needed}", None, "present (every evaluated split has it)")
     threshold = data.get("threshold")
     _need(threshold is None or (_number(threshold) and 0 < threshold < 1), "threshold", threshold,
           "null or a number between 0 and 1")
