@@ -349,3 +349,15 @@ def test_huffpost_merge_and_split():
     assert sum(bundle.info["rows"].values()) == 10000
     assert "MONEY" not in bundle.label_names and "BUSINESS" in bundle.label_names
     assert len(bundle.label_names) == 28
+
+
+def test_the_visible_pattern_is_has_visible():
+    """Fails if the service schema's pattern and the rule predict and the service apply disagree on any character:
+    the schema would call a text valid that the service then refuses (or the reverse)."""
+    from newstune.data.text import has_visible, visible_pattern
+
+    pattern = re.compile(visible_pattern())
+    for point in list(range(0, 0x3100)) + [0xFEFF, 0xFFF9, 0x1BCA0, 0xE0001, 0xE0020, 0x1F600, 0x10FFFF]:
+        char = chr(point)
+        assert bool(pattern.search(char)) == has_visible(char), hex(point)
+    assert not pattern.search(" \t\u200b\x00") and pattern.search("\x00 a")

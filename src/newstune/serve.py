@@ -22,7 +22,7 @@ from newstune import decisions
 from newstune.backends import Scorer
 from newstune.config import CleanConfig, DataConfig
 from newstune.data.registry import input_columns, optional_input_columns, record_input_text
-from newstune.data.text import clean_text
+from newstune.data.text import clean_text, visible_pattern
 from newstune.decisions import Decision
 from newstune.errors import NewstuneError
 from newstune.guard import VISIBLE, BodyLimit, Detail, Problems, has_visible, validation_error
@@ -196,7 +196,7 @@ def _settle(future: asyncio.Future, result: list[dict] | None = None, error: Exc
 NewsText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHARS),
                      Field(description=f"1-{MAX_CHARS} characters of valid Unicode (no lone surrogates) that keep "
                                        f"{VISIBLE} through the run's own cleaning (HTML tags, entities), else 422.",
-                           json_schema_extra={"format": "visible-text"})]
+                           json_schema_extra={"format": "visible-text", "pattern": visible_pattern()})]
 
 
 class ClassifyRequest(BaseModel):

@@ -101,6 +101,24 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 VISIBLE = "a character that is not whitespace, a control or a zero-width/format character"
 
 
+def visible_pattern() -> str:
+    """has_visible as a regular expression (a character class outside _INVISIBLE, searched anywhere), for the
+    service's OpenAPI schema: a client or a schema fuzzer then knows that a control-only text is invalid."""
+    ranges, start = [], None
+    for point in range(0x110001):
+        invisible = point <= 0x10FFFF and unicodedata.category(chr(point)) in _INVISIBLE
+        if invisible and start is None:
+            start = point
+        elif not invisible and start is not None:
+            ranges.append((start, point - 1))
+            start = None
+
+    def escape(point: int) -> str:  # \\uXXXX reads the same in Python and ECMA-262; outside the BMP the character
+        return f"\\u{point:04x}" if point <= 0xFFFF else chr(point)  # itself (Python has no \\u{...}, ECMA no \\U)
+
+    return "[^" + "".join(escape(a) if a == b else f"{escape(a)}-{escape(b)}" for a, b in ranges) + "]"
+
+
 def has_visible(text: str) -> bool:
     """One rule for the service and predict: a text must hold something a reader can see."""
     return not all(unicodedata.category(char) in _INVISIBLE for char in text)
