@@ -16,7 +16,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, StringConstraints
 
 from newstune import decisions
 from newstune.backends import Scorer
@@ -204,7 +204,7 @@ class ClassifyRequest(BaseModel):
     texts: list[NewsText] = Field(min_length=1, max_length=MAX_TEXTS, description=f"1-{MAX_TEXTS} texts.")
 
 
-RecordValue = Annotated[str, StringConstraints(max_length=MAX_CHARS)] | int | float
+RecordValue = Annotated[str, StringConstraints(max_length=MAX_CHARS)] | StrictInt | StrictFloat  # true is no count
 
 
 class ClassifyRecordsRequest(BaseModel):
@@ -259,7 +259,7 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
     app = FastAPIOffline(title="newstune", description="News classifiers trained with newstune.", version="1")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
-    _name_models_in_schema(app, list(served))
+    _name_models_in_schema(app, {name: input_columns(m.data) if m.data else ["text"] for name, m in served.items()})
     executor = ThreadPoolExecutor(max_workers=1)  # one torch worker: the cores are shared, not split
     batchers = {name: MicroBatcher(model, executor, max_wait_ms=max_wait_ms, max_queue=max_queue)
                 for name, model in served.items()}
@@ -291,6 +291,10 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
             raise HTTPException(404, f"unknown model; GET /v1/models lists {list(served)}")
         texts, problems = [], []
         for i, record in enumerate(request.records):
+            if "text" in record and not isinstance(record["text"], str):  # the schema's `text` is a text, not a number
+                problems.append({"loc": ("body", "records", i, "text"), "type": "string_type",
+                                 "msg": "column 'text' must be a string"})
+                continue
             try:
                 texts.append(record_input_text(record, model.data) if model.data else str(record["text"]))
             except (NewstuneError, KeyError) as err:
@@ -319,15 +323,25 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
     return app
 
 
-def _name_models_in_schema(app: FastAPI, names: list[str]) -> None:
-    """The schema lists this server's model names, so clients (and Swagger's 'Try it out') can pick one."""
+def _name_models_in_schema(app: FastAPI, columns: dict[str, list[str]]) -> None:
+    """The schema lists this server's model names, so clients (and Swagger's 'Try it out') can pick one, and marks
+    the record columns every served model needs as required (a record without them is invalid by the schema, not
+    only by the service); a `text` column there has the constraints of a text."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = build()
-        if names:
+        components = schema["components"]["schemas"]
+        if columns:
             for request in ("ClassifyRequest", "ClassifyRecordsRequest"):
-                schema["components"]["schemas"][request]["properties"]["model"]["enum"] = names
+                components[request]["properties"]["model"]["enum"] = list(columns)
+            common = sorted(set.intersection(*(set(needed) for needed in columns.values())))
+            items = components["ClassifyRecordsRequest"]["properties"]["records"]["items"]
+            if common:
+                items["required"] = common
+            if "text" in common:
+                items.setdefault("properties", {})["text"] = components["ClassifyRequest"]["properties"]["texts"][
+                    "items"]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
