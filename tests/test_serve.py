@@ -211,10 +211,13 @@ def test_records_are_built_into_text_as_training_built_them(tiny_models):
         assert bad.status_code == 422 and "not a whole number" in bad.json()["detail"][0]["msg"]
 
 
-def test_served_full_fine_tunes_keep_their_own_weights(tiny_models, tiny_data, tmp_path):
-    """Two full fine-tunes of one base model, the second trained on rotated labels, served together: each must
-    answer as its own predict does. Fails when frozen tensors are shared by name (the second run then answers
-    with the first one's encoder)."""
+@pytest.mark.parametrize("kind", [{"lora.method": "full", "train.lr": 1e-3},
+                                  {"lora.method": "lora", "lora.bias": "all", "lora.r": 2}],
+                         ids=["full", "lora-bias-all"])
+def test_served_runs_keep_their_own_weights(tiny_models, tiny_data, tmp_path, kind):
+    """Two runs of one base model (full fine-tunes, or LoRA with trained biases), the second trained on rotated
+    labels, served together: each must answer as its own predict does, labels and probabilities. Fails when frozen
+    tensors are shared by name (the second run then answers with the first one's encoder or biases)."""
     from newstune.config import validate
     from newstune.train import train
 
@@ -225,9 +228,9 @@ def test_served_full_fine_tunes_keep_their_own_weights(tiny_models, tiny_data, t
     names = ["business", "science", "sports"]
     for name, seed in (("train.csv", 1), ("valid.csv", 2), ("test.csv", 3)):
         write_csv(rotated / name, [(t, names[(names.index(label) + 1) % 3]) for t, label in synthetic_rows(480, seed)])
-    full = {"lora.method": "full", "train.lr": 1e-3, "eval.baseline": False}
-    first, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data, **full)), tmp_path / "first")
-    second, _ = train(validate(tiny_config(tiny_models["bert"], rotated, **full)), tmp_path / "second")
+    settings = {**kind, "eval.baseline": False}
+    first, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data, **settings)), tmp_path / "first")
+    second, _ = train(validate(tiny_config(tiny_models["bert"], rotated, **settings)), tmp_path / "second")
     texts = [text for text, _ in synthetic_rows(12, 5)]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -235,9 +238,12 @@ def test_served_full_fine_tunes_keep_their_own_weights(tiny_models, tiny_data, t
     for name, run_dir in (("first", first), ("second", second)):
         predict_file(load_run(run_dir), source, tmp_path / f"{name}.jsonl")
         lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
-        own[name] = [json.loads(line)["predicted_label"] for line in lines]
-    assert own["first"] != own["second"]  # the two runs learnt different label orders
+        own[name] = [json.loads(line) for line in lines]
+    assert [r["predicted_label"] for r in own["first"]] != [r["predicted_label"] for r in own["second"]]
     with TestClient(create_app(load_served([f"first={first}", f"second={second}"]))) as client:
         for name in ("first", "second"):
             served = client.post("/v1/classify", json={"model": name, "texts": texts}).json()["results"]
-            assert [r["label"] for r in served] == own[name]
+            assert [r["label"] for r in served] == [r["predicted_label"] for r in own[name]]
+            for answer, row in zip(served, own[name], strict=True):
+                for label, probability in answer["probabilities"].items():
+                    assert probability == pytest.approx(row["probabilities"][label], abs=2e-3), (name, label)
