@@ -196,7 +196,8 @@ def _settle(future: asyncio.Future, result: list[dict] | None = None, error: Exc
 NewsText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHARS),
                      Field(description=f"1-{MAX_CHARS} characters of valid Unicode (no lone surrogates) that keep "
                                        f"{VISIBLE} through the run's own cleaning (HTML tags, entities), else 422.",
-                           json_schema_extra={"format": "visible-text", "pattern": visible_pattern()})]
+                           json_schema_extra=lambda schema: schema.update(format="visible-text",
+                                                                           pattern=visible_pattern()))]
 
 
 class ClassifyRequest(BaseModel):
@@ -259,7 +260,8 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
     app = FastAPIOffline(title="newstune", description="News classifiers trained with newstune.", version="1")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
-    _name_models_in_schema(app, {name: input_columns(m.data) if m.data else ["text"] for name, m in served.items()})
+    columns = {name: input_columns(m.data) if m.data else ["text"] for name, m in served.items()}
+    _name_models_in_schema(app, columns)
     executor = ThreadPoolExecutor(max_workers=1)  # one torch worker: the cores are shared, not split
     batchers = {name: MicroBatcher(model, executor, max_wait_ms=max_wait_ms, max_queue=max_queue)
                 for name, model in served.items()}
@@ -272,9 +274,9 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
     def models() -> list[ServedInfo]:
         return [ServedInfo(name=m.name, labels=m.label_names, threshold=m.threshold, multi_label=m.decision.multi_label,
                            base_model=public_name(m.base_model), run=m.run_dir.name, backend=m.scorer.name,
-                           columns=input_columns(m.data) if m.data else ["text"],
+                           columns=columns[name],
                            optional_columns=optional_input_columns(m.data) if m.data else [])
-                for m in served.values()]
+                for name, m in served.items()]
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
     async def classify(request: ClassifyRequest) -> ClassifyResponse:

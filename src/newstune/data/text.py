@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from functools import lru_cache
 
 from newstune.config import CleanConfig
 from newstune.data.speaker_record import LIAR_CREDIT_FIELDS, credit_count, credit_text
@@ -101,6 +102,7 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 VISIBLE = "a character that is not whitespace, a control or a zero-width/format character"
 
 
+@lru_cache(maxsize=1)
 def visible_pattern() -> str:
     """has_visible as a regular expression (a character class outside _INVISIBLE, searched anywhere), for the
     service's OpenAPI schema: a client or a schema fuzzer then knows that a control-only text is invalid."""
