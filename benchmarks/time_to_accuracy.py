@@ -71,7 +71,7 @@ def run_newstune(config: dict, evals_per_epoch: int, out: Path) -> list[dict]:
     trainer.run_dir = create_run_dir(out / "newstune")
     write_run_header(trainer.run_dir, trainer.config, trainer.label_names)
     # the loop's clock already holds the frozen-layer cache build; the rest of the setup is added to it
-    setup_seconds = time.perf_counter() - start - getattr(trainer, "prefix_seconds", 0.0)
+    setup_seconds = time.perf_counter() - start - trainer.prefix_seconds
     with logging_to(trainer.run_dir):
         trainer.fit()
     return [{"step": r["step"], "minutes": (setup_seconds + r["train_seconds"]) / 60, "accuracy": r["accuracy"]}

@@ -33,7 +33,15 @@ def test_end_to_end_run_directory(tiny_models, tiny_data, tmp_path):
     for name in ("config.yaml", "label_map.json", "metrics.json", "metrics.jsonl", "confusion_test.png",
                  "training_curves.png", "train.log", "model/adapter_config.json", "model/adapter_model.safetensors"):
         assert (run_dir / name).exists(), name
-    assert list((run_dir / "tensorboard").iterdir())
+    # TensorBoard holds every logged training loss (fails when the writer is never given the scalars)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = [h for h in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+              if h["kind"] == "train"]
+    assert [e.step for e in events.Scalars("train/loss")] == [h["step"] for h in logged]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([h["loss"] for h in logged], rel=1e-6)
     assert set(metrics) >= {"validation", "test", "efficiency", "threshold"}
     assert metrics["test"]["accuracy"] > 0.75, "keyword topics are easy: the loop must learn them"
     eff = metrics["efficiency"]
@@ -52,8 +60,10 @@ def test_same_seed_same_losses(tiny_models, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("arch", ["roberta", "mpnet"])
 def test_other_architectures_train(tiny_models, tiny_data, tmp_path, arch):
-    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, arch=arch, **{"train.epochs": 1})
+    # Fails when an architecture's LoRA targets or head do not train (chance is 0.33 on three balanced topics).
+    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, arch=arch)
     assert metrics["test"]["n"] == 60
+    assert metrics["test"]["accuracy"] > 0.6
 
 
 def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):

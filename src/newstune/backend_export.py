@@ -122,6 +122,8 @@ def gate(run: LoadedRun, scorer: Scorer, validation, tolerance_points: float) ->
     ids = tokenize_texts(run.tokenizer, validation.texts, run.config.data.max_length, cache_dir() / "tokens")
     reference, torch_speed = timed_logits(torch_scorer(run.model, run.tokenizer.pad_token_id, run.precision), ids)
     exported, speed = timed_logits(scorer, ids)
+    if run.ensemble is not None:  # the decision rule reads the blend: compare what it will read
+        reference, exported = (run.ensemble.combine(z, validation.texts) for z in (reference, exported))
     labels = np.asarray(validation.labels)
     before = classification_metrics(labels, reference, run.label_names, run.decision)
     after = classification_metrics(labels, exported, run.label_names, run.decision)

@@ -99,9 +99,22 @@ def summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
 
 
-def fit_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings, with_test: bool = True) -> dict:
-    """The baseline's validation (and test) metrics, the chosen settings and every candidate's validation score."""
-    start = time.perf_counter()
+@dataclass
+class ChosenBaseline:
+    """The fitted baseline that won on validation: its features, classifier, decision rule and scores."""
+
+    features: Features
+    model: object
+    c: float
+    class_weight: str | None
+    decision: object
+    validation: dict
+    candidates: list[dict]
+    multi_label: bool
+
+
+def choose_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings) -> ChosenBaseline:
+    """Fits every candidate on train and keeps the best by validation `metric`; never reads test."""
     multi_label = bool(bundle.info.get("multi_label"))
     train, valid = bundle.splits["train"], bundle.splits["validation"]
     train_y, valid_y = np.asarray(train.labels), np.asarray(valid.labels)
@@ -117,16 +130,27 @@ def fit_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings, wit
             score = selection_score(metrics, metric)
             candidates.append({"C": c, "class_weight": weight or "none", metric: score})
             if best is None or score > best[0] + 1e-12:
-                best = (score, c, weight, model, decision, metrics)
-    _, c, weight, model, decision, validation = best
-    result = {"model": DESCRIPTION + (" + the speaker record's numbers" if features.with_record else ""),
-              "settings": {"C": c, "class_weight": weight or "none", "chosen_by": f"validation {metric}"},
-              "features": int(train_x.shape[1]), "candidates": candidates, "validation": validation,
-              "decision": decision.to_dict()}
+                best = (score, ChosenBaseline(features, model, c, weight, decision, metrics, candidates,
+                                              multi_label))
+    return best[1]
+
+
+def fit_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings, with_test: bool = True) -> dict:
+    """The baseline's validation (and test) metrics, the chosen settings and every candidate's validation score."""
+    start = time.perf_counter()
+    chosen = choose_baseline(bundle, metric, settings)
+    n_features = sum(len(view.vocabulary_) for _, view in chosen.features.union.transformer_list)
+    result = {"model": DESCRIPTION + (" + the speaker record's numbers" if chosen.features.with_record else ""),
+              "settings": {"C": chosen.c, "class_weight": chosen.class_weight or "none",
+                           "chosen_by": f"validation {metric}"},
+              "features": n_features + (len(LIAR_CREDIT_FIELDS) + 1 if chosen.features.with_record else 0),
+              "candidates": chosen.candidates, "validation": chosen.validation,
+              "decision": chosen.decision.to_dict()}
     if with_test:
         test = bundle.splits["test"]
-        result["test"] = classification_metrics(np.asarray(test.labels), margins(model, features.transform(test.texts)),
-                                                bundle.label_names, decision)
+        result["test"] = classification_metrics(np.asarray(test.labels),
+                                                margins(chosen.model, chosen.features.transform(test.texts)),
+                                                bundle.label_names, chosen.decision)
     result["fit_seconds"] = time.perf_counter() - start
     return result
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from newstune.baseline import summary
 from newstune.card import write_card
 from newstune.data.batching import tokenize_texts
-from newstune.data.registry import load_dataset
+from newstune.data.registry import HOLDOUT, load_dataset
+from newstune.ensemble import fit_ensemble, save_ensemble
 from newstune.errors import NewstuneError
 from newstune.evaluate import calibration_report, classification_metrics, plot_reliability
 from newstune.infer import predict_logits
@@ -20,9 +23,11 @@ from newstune.run import METRICS_FILE, LoadedRun, load_run, read_metrics, write_
 from newstune.tuning import fit_decision
 
 
-def split_logits(run: LoadedRun, texts: list[str], batch_size: int = 64) -> np.ndarray:
+def split_logits(run: LoadedRun, texts: list[str], batch_size: int = 64, blend: bool = True) -> np.ndarray:
+    """The logits the run's decision rule reads (blend=False: the encoder's alone, even where the run blends)."""
     ids = tokenize_texts(run.tokenizer, texts, run.config.data.max_length, cache_dir() / "tokens")
-    return predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision, progress=True).numpy()
+    encoder = predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision, progress=True)
+    return encoder.numpy() if run.ensemble is None or not blend else run.ensemble.combine(encoder.numpy(), texts)
 
 
 def keep_previous(run_dir: Path) -> Path | None:
@@ -40,8 +45,11 @@ def keep_previous(run_dir: Path) -> Path | None:
 
 
 def calibrate_run(run_dir: Path, method: str | None = None, tune_class_bias: bool | None = None,
-                  data_dir: Path | None = None) -> dict:
-    """Refit on validation (never test), evaluate validation and test with the new rule, write everything."""
+                  data_dir: Path | None = None, ensemble: str | None = None) -> dict:
+    """Refit on validation (never test), evaluate validation, test and holdout with the new rule, write everything.
+
+    ensemble: "tfidf" fits the blend with the TF-IDF model (`newstune ensemble RUN`), "none" drops it, None keeps
+    what the run has (and refits its weight)."""
     run = load_run(Path(run_dir))
     if not (run.run_dir / METRICS_FILE).is_file():
         raise NewstuneError(f"{run.run_dir} has no metrics.json (training did not finish); finish it first: "
@@ -54,21 +62,39 @@ def calibrate_run(run_dir: Path, method: str | None = None, tune_class_bias: boo
     if bundle.label_names != run.label_names:
         raise NewstuneError(f"the data's labels {bundle.label_names} differ from the run's {run.label_names}; "
                             "point --data-dir at the data the run was trained on")
-    splits = ["validation", *(["test"] if run.config.eval.test else [])]
-    logits = {split: split_logits(run, bundle.splits[split].texts) for split in splits}
+    metrics = read_metrics(run.run_dir)
+    splits = ["validation", *(["test"] if run.config.eval.test else []),
+              *([HOLDOUT] if HOLDOUT in metrics and HOLDOUT in bundle.splits else [])]
+    encoder = {split: split_logits(run, bundle.splits[split].texts, blend=False) for split in splits}
     labels = {split: np.asarray(bundle.splits[split].labels) for split in splits}
     multi_label = bool(bundle.info.get("multi_label"))
+    blend = run.ensemble is not None if ensemble is None else ensemble == "tfidf"
+    logits, report = encoder, None
+    if blend:
+        fitted, report = fit_ensemble(bundle, encoder["validation"], run.config.train.metric, settings)
+        logits = {split: fitted.combine(encoder[split], bundle.splits[split].texts) for split in splits}
     decision = fit_decision(labels["validation"], logits["validation"], settings, multi_label)
-    metrics = read_metrics(run.run_dir)
+    if blend:
+        alone = fit_decision(labels["validation"], encoder["validation"], settings, multi_label)
+        report["encoder_alone"] = {split: summary(classification_metrics(labels[split], encoder[split],
+                                                                         run.label_names, alone))
+                                   for split in splits}
+        decision = replace(decision, ensemble=fitted.settings())
     for split in splits:
         metrics[split] = classification_metrics(labels[split], logits[split], run.label_names, decision)
+    final = "test" if "test" in splits else "validation"
     metrics.update({"threshold": decision.threshold, "decision": decision.to_dict(),
                     "calibration": {"method": decision.calibration, "temperature": decision.temperature,
-                                    **{s: calibration_report(labels[s], logits[s], decision) for s in splits}}})
+                                    **{s: calibration_report(labels[s], logits[s], decision)
+                                       for s in ("validation", final)}}})
+    metrics.pop("ensemble", None)
+    if report is not None:
+        metrics["ensemble"] = report
     backup = keep_previous(run.run_dir)
+    if blend:
+        save_ensemble(run.run_dir, fitted)
     write_decision(run.run_dir, decision)
     write_metrics(run.run_dir, metrics)
-    final = splits[-1]
     plot_reliability(labels[final], logits[final], decision, run.run_dir / f"reliability_{final}.png",
                      f"{run.config.name}: {final}")
     write_card(run.run_dir)

@@ -72,8 +72,12 @@ def intended_use(config: RunConfig, decision: Decision) -> list[str]:
                   "validation ECE and was dropped)." if decision.calibration == "none" else
                   f"Probabilities are calibrated on the validation split ({decision.calibration} scaling), so they are "
                   "meant to be read as probabilities on data like the training data.")
+    blend = decision.ensemble
+    blended = (f" The probabilities come from the encoder blended with a TF-IDF linear model saved in the run's "
+               f"`ensemble/` folder (baseline weight {blend['weight']:.2f}, chosen on validation); this model folder "
+               "alone gives the encoder's answers, not the run's." if blend else "")
     return ["## Intended use", "",
-            f"{purpose[0].upper()}{purpose[1:]}. Trained with newstune; the label is {rule}. {calibrated} "
+            f"{purpose[0].upper()}{purpose[1:]}. Trained with newstune; the label is {rule}.{blended} {calibrated} "
             "Not for decisions about people without human review.", "",
             "```bash", "newstune predict RUN --input texts.jsonl --output labels.jsonl", "newstune serve name=RUN",
             "```", ""]

@@ -105,13 +105,18 @@ def train(
                                             "the mean and spread of every figure to RUN/seeds.json.")] = 1,
 ) -> None:
     """Train a classifier from a recipe; writes a run directory (with --seeds, a folder of them)."""
+    if resume is None and config is None:
+        raise NewstuneError("give a recipe (newstune train recipes/ag_news/minilm_lora.yaml) or --resume RUN")
+    recipe = _config_with(config, overrides, data_dir) if resume is None else None
+    _train(recipe, output_dir, resume, stop_after_steps, engine, workers, address, seeds)
+
+
+def _train(recipe, output_dir: Path | None, resume: Path | None, stop_after_steps: int | None,
+           engine: EngineName, workers: int, address: str | None, seeds: int) -> None:
     from newstune import seeds as seed_groups
     from newstune import train as training
     from newstune.run import read_labels
 
-    if resume is None and config is None:
-        raise NewstuneError("give a recipe (newstune train recipes/ag_news/minilm_lora.yaml) or --resume RUN")
-    recipe = _config_with(config, overrides, data_dir) if resume is None else None
     if seeds != 1 or (resume is not None and seed_groups.is_seed_group(resume)):
         if engine == "ray" or stop_after_steps is not None:
             raise NewstuneError("--seeds runs locally to the end; drop --engine ray / --stop-after-steps")
@@ -132,6 +137,29 @@ def train(
     elif int(os.environ.get("RANK", "0")) == 0:
         console.print(f"stopped; continue with: newstune train --resume {run_dir}")
     typer.echo(str(run_dir))
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Argument(help="A finished run, or a seed group: its seed-N run teaches the "
+                                                 "student with seed N.")],
+    config: Annotated[Path, typer.Argument(help="The student's recipe YAML (e.g. a MiniLM recipe).")],
+    alpha: Annotated[float | None, typer.Option(help="Weight of the teacher's soft labels (distill.alpha).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softening temperature (distill.temperature).")] = None,
+    unlabelled: Annotated[Path | None, typer.Option("--unlabelled", help="CSV/TSV/JSONL/TXT of extra texts the "
+                                                    "student learns from the teacher alone.")] = None,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Run folder (must not exist).")] = None,
+    seeds: Annotated[int, typer.Option(help="Train the student over N seeds, as train --seeds.")] = 1,
+) -> None:
+    """Train a student recipe on a teacher run's softened probabilities mixed with the labels (distillation)."""
+    given = {"teacher": str(teacher), "alpha": alpha, "temperature": temperature,
+             "unlabelled_file": None if unlabelled is None else str(unlabelled)}
+    extra = [f"distill.{key}={json.dumps(value)}" for key, value in given.items() if value is not None]
+    recipe = _config_with(config, [*(overrides or []), *extra], data_dir)
+    recipe.name = f"{recipe.name}_distilled"
+    _train(recipe, output_dir, None, None, EngineName.local, 2, None, seeds)
 
 
 @app.command()
@@ -216,6 +244,26 @@ def calibrate(
     result = calibrate_run(run, method, tune_class_bias, data_dir)
     show_metrics(result["metrics"], read_labels(run), str(run))
     typer.echo(json.dumps({"calibration": result["metrics"]["calibration"], "decision": result["metrics"]["decision"],
+                           "previous_metrics": result["previous_metrics"]}, indent=1))
+
+
+@app.command()
+def ensemble(
+    run: Annotated[Path, typer.Argument(help="Run directory (a finished single-label run).")],
+    method: Annotated[str, typer.Option(help="tfidf (blend with the run's TF-IDF baseline) or none (drop the "
+                                             "blend).")] = "tfidf",
+    data_dir: DataDir = None,
+) -> None:
+    """Blend a finished run with its TF-IDF baseline (weight chosen on validation); the old metrics.json is kept."""
+    from newstune.calibrate import calibrate_run
+    from newstune.run import read_labels
+
+    if method not in ("tfidf", "none"):
+        raise NewstuneError(f"--method {method}: choose tfidf or none")
+    result = calibrate_run(run, data_dir=data_dir, ensemble=method)
+    show_metrics(result["metrics"], read_labels(run), str(run))
+    typer.echo(json.dumps({"ensemble": {k: v for k, v in result["metrics"].get("ensemble", {}).items()
+                                        if k != "validation_curve"},
                            "previous_metrics": result["previous_metrics"]}, indent=1))
 
 

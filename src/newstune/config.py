@@ -188,11 +188,31 @@ class EvalSettings(_Section):
                                   "tuned on validation for macro-F1.")
     baseline: bool = Field(True, description="Also fit the TF-IDF + LinearSVC baseline on the run's train split "
                            "(settings chosen on validation, test scored once) and report it beside the run.")
+    ensemble: Literal["none", "tfidf"] = Field(
+        "none", description="tfidf: blend the encoder with the run's TF-IDF baseline (log-probabilities, weight and "
+        "temperatures chosen on validation) as part of the decision rule that evaluate, predict and serve apply; "
+        "single-label tasks.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
     test_curve: bool = Field(False, description="Also evaluate the test split at each validation evaluation, logged as "
                              "kind 'test' in metrics.jsonl for time-to-accuracy curves; no choice reads it.")
     extra: list[ExtraEvalSet] = Field(default_factory=list, description="Extra labelled sets (OOD) to evaluate.")
+
+
+class DistillSettings(_Section):
+    """Knowledge distillation: learn a finished teacher run's softened probabilities as well as the labels."""
+
+    teacher: Path | None = Field(
+        None, description="A finished run folder, or a seed group (train --seeds): there the run trained with "
+        "train.seed teaches, so no teacher has trained on its student's validation rows.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft-label loss (KL at the temperature, "
+                         "times temperature^2); 1 - alpha weighs the labels.")
+    temperature: float = Field(2.0, gt=0, description="Divides both models' logits in the soft-label loss.")
+    unlabelled_file: Path | None = Field(
+        None, description="CSV/TSV/JSONL/TXT of extra texts learnt from the teacher only (single-label tasks); "
+        "texts also in validation, test or holdout are left out.")
+    unlabelled_column: str = Field("text", description="unlabelled_file: the text column (CSV/TSV/JSONL).")
+    max_unlabelled: int | None = Field(None, ge=1, description="Use only the first N unlabelled texts.")
 
 
 class RunConfig(_Section):
@@ -205,6 +225,7 @@ class RunConfig(_Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
 
     @model_validator(mode="after")
     def _test_curve_needs_test(self) -> RunConfig:
@@ -221,6 +242,13 @@ class RunConfig(_Section):
                                  "(e.g. 2), so that the lower layers stay frozen")
             if self.train.compile:
                 raise ValueError("train.cache_frozen_layers and train.compile cannot be combined; pick one")
+        return self
+
+    @model_validator(mode="after")
+    def _unlabelled_needs_teacher(self) -> RunConfig:
+        if self.distill.unlabelled_file is not None and self.distill.teacher is None:
+            raise ValueError("distill.unlabelled_file is learnt from the teacher only: set distill.teacher "
+                             "(newstune distill TEACHER_RUN RECIPE --unlabelled FILE)")
         return self
 
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from newstune.errors import NewstuneError
 
+ENSEMBLE_KEYS = ("method", "weight", "encoder_temperature", "baseline_temperature")
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -25,6 +27,9 @@ class Decision:
     label_thresholds: list[float] | None = None  # multi-label: a label is on when its probability reaches its own
     calibration: str = "none"  # how the temperature was fitted: none, temperature or vector
     logit_bias: list[float] | None = None  # vector scaling: added to logits / temperature
+    # eval.ensemble: the logits above are the encoder blended with the run's TF-IDF model (newstune.ensemble):
+    # {"method": "tfidf", "weight", "encoder_temperature", "baseline_temperature"}
+    ensemble: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +53,8 @@ class Decision:
     def uncalibrated(self) -> Decision:
         """The same rule on the raw logits (temperature 1), for before/after calibration figures."""
         return Decision(threshold=self.threshold, class_bias=self.class_bias, multi_label=self.multi_label,
-                        label_thresholds=self.label_thresholds)  # no temperature, no logit_bias
+                        label_thresholds=self.label_thresholds,
+                        ensemble=self.ensemble)  # no temperature, no logit_bias
 
 
 def _finite(value: object) -> bool:
@@ -76,6 +82,15 @@ def _problem(data: dict) -> str | None:
         return f"label_thresholds must be a list of numbers between 0 and 1 (got {thresholds!r})"
     if not isinstance(data.get("multi_label", False), bool):
         return f"multi_label must be true or false (got {data.get('multi_label')!r})"
+    ensemble = data.get("ensemble")
+    if ensemble is not None:
+        if not (isinstance(ensemble, dict) and set(ensemble) == set(ENSEMBLE_KEYS) and ensemble["method"] == "tfidf"):
+            return f"ensemble must be an object with keys {list(ENSEMBLE_KEYS)} and method 'tfidf' (got {ensemble!r})"
+        if not (_finite(ensemble["weight"]) and 0 <= ensemble["weight"] <= 1):
+            return f"ensemble weight must be between 0 and 1 (got {ensemble['weight']!r})"
+        for key in ("encoder_temperature", "baseline_temperature"):
+            if not (_finite(ensemble[key]) and ensemble[key] > 0):
+                return f"ensemble {key} must be a positive number (got {ensemble[key]!r})"
     if data.get("calibration", "none") not in ("none", "temperature", "vector"):
         return f"calibration must be none, temperature or vector (got {data.get('calibration')!r})"
     return None

@@ -7,11 +7,13 @@ The export is built in a temporary folder next to the target and renamed only wh
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoModelForSequenceClassification
 
+from newstune.ensemble import ENSEMBLE_DIR
 from newstune.errors import NewstuneError
 from newstune.evaluate import softmax
 from newstune.infer import predict_logits
@@ -78,6 +80,8 @@ def _export_into(folder: Path, run_dir: Path, tolerance: float, force: bool) -> 
     (folder / "newstune.json").write_text(json.dumps({"run": str(run_dir), "threshold": run.threshold,
                                                       "decision": run.decision.to_dict(),
                                                       "label_names": run.label_names}, indent=1))
+    if run.ensemble is not None:  # the decision above blends in the run's TF-IDF model: ship its files too
+        shutil.copytree(run_dir / ENSEMBLE_DIR, folder / ENSEMBLE_DIR)
     plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     checks = {"merged": _agreement(reference, predict_logits(plain, ids, pad).numpy())}
     _require(checks, tolerance, force)

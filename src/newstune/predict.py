@@ -182,7 +182,7 @@ def probabilities(run: LoadedRun, texts: list[str], batch_size: int) -> np.ndarr
     if not texts:
         return np.zeros((0, len(run.label_names)))
     ids = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]
-    logits = run.scorer.logits(ids, batch_size)
+    logits = run.logits(texts, ids, batch_size)
     return decisions.probabilities(logits, run.decision)
 
 

@@ -21,7 +21,8 @@ from newstune.tables import markdown_table
 def evaluate_loaded(run: LoadedRun, split: TextSplit, batch_size: int = 64) -> dict:
     ids = tokenize_texts(run.tokenizer, split.texts, run.config.data.max_length, cache_dir() / "tokens")
     logits = predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision, progress=True)
-    return classification_metrics(np.asarray(split.labels), logits.numpy(), run.label_names, run.decision)
+    blended = logits.numpy() if run.ensemble is None else run.ensemble.combine(logits.numpy(), split.texts)
+    return classification_metrics(np.asarray(split.labels), blended, run.label_names, run.decision)
 
 
 def read_extra_split(spec: str, run: LoadedRun) -> tuple[str, TextSplit]:

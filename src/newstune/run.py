@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from newstune.backends import Scorer, choose_export, export_scorer, torch_scorer
 from newstune.config import RunConfig, dump_config, validate
 from newstune.decisions import Decision
+from newstune.ensemble import Ensemble, load_ensemble
 from newstune.errors import NewstuneError
 from newstune.model import hold_frozen_in, load_saved_model, load_tokenizer
 from newstune.run_files import check_export, check_labels, check_metrics
@@ -24,6 +26,7 @@ DECISION_FILE = "decision.json"
 MODEL_DIR = "model"
 EXPORTS_DIR = "exports"
 EXPORT_CHECKS_FILE = "export_checks.json"
+GROUP_FILE = "seeds.yaml"  # the recipe and its seeds: marks a folder as a seed group (train --seeds), not a run
 
 
 def planned_run_dir(config: RunConfig, output_dir: Path | None = None) -> Path:
@@ -173,6 +176,7 @@ class LoadedRun:
     scorer: Scorer | None = None
     backend_reason: str = "PyTorch"
     decision: Decision = field(default_factory=Decision)  # how logits become probabilities and labels
+    ensemble: Ensemble | None = None  # decision.json blends the encoder with the run's TF-IDF model
 
     def __post_init__(self) -> None:
         if self.decision == Decision() and self.threshold is not None:
@@ -181,6 +185,14 @@ class LoadedRun:
     @property
     def backend(self) -> str:
         return self.scorer.name if self.scorer is not None else f"torch-{self.precision}"
+
+    def logits(self, texts: list[str], input_ids: list[list[int]], batch_size: int = 64, progress: bool = False,
+               desc: str = "predict") -> np.ndarray:
+        """The logits the decision rule reads: the backend's, blended with the TF-IDF model where the run has one.
+
+        `texts` are the cleaned texts that `input_ids` tokenize (the linear model reads words, not tokens)."""
+        logits = self.scorer.logits(input_ids, batch_size, progress=progress, desc=desc)
+        return logits if self.ensemble is None else self.ensemble.combine(logits, texts)
 
 
 def one_line(err: BaseException) -> str:
@@ -218,7 +230,9 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
         hold_frozen_in(model, torch.bfloat16)
     model.to(device).eval()
     tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))
-    run = LoadedRun(run_dir, config, labels, model, tokenizer, decision.threshold, precision, decision=decision)
+    ensemble = load_ensemble(run_dir, decision.ensemble, len(labels)) if decision.ensemble is not None else None
+    run = LoadedRun(run_dir, config, labels, model, tokenizer, decision.threshold, precision, decision=decision,
+                    ensemble=ensemble)
     run.scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
     chosen = choose_export(read_exports(run_dir), backend) if device == "cpu" else None
     if chosen is not None:

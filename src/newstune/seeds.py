@@ -11,10 +11,9 @@ import yaml
 
 from newstune.config import RunConfig, dump_config, validate
 from newstune.errors import Interrupted, NewstuneError
-from newstune.run import METRICS_FILE, check_new_run_dir, planned_run_dir, read_metrics, write_atomically
+from newstune.run import GROUP_FILE, METRICS_FILE, check_new_run_dir, planned_run_dir, read_metrics, write_atomically
 from newstune.train import CHECKPOINT, resume, train
 
-GROUP_FILE = "seeds.yaml"  # the recipe and its seeds: marks a folder as a seed group, not a run
 SUMMARY_FILE = "seeds.json"
 SPLIT_FIGURES = ("accuracy", "macro_f1", "micro_f1", "loss")
 BASELINE_FIGURES = ("accuracy", "macro_f1", "micro_f1")

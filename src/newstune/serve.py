@@ -24,6 +24,7 @@ from newstune.config import CleanConfig, DataConfig
 from newstune.data.registry import input_columns, optional_input_columns, record_input_text
 from newstune.data.text import clean_text, visible_pattern
 from newstune.decisions import Decision
+from newstune.ensemble import Ensemble
 from newstune.errors import NewstuneError
 from newstune.guard import VISIBLE, BodyLimit, Detail, Problems, has_visible, validation_error
 from newstune.run import load_run, read_metrics
@@ -48,6 +49,7 @@ class ServedModel:
     clean: CleanConfig = field(default_factory=CleanConfig)
     decision: Decision = field(default_factory=Decision)  # how logits become probabilities and labels
     data: DataConfig | None = None  # the run's data settings: how a record's columns become its text
+    ensemble: Ensemble | None = None  # decision.json blends the encoder with the run's TF-IDF model
 
     def __post_init__(self) -> None:
         if self.decision == Decision() and self.threshold is not None:
@@ -58,8 +60,12 @@ class ServedModel:
         return clean_text(text, self.clean)
 
     def classify(self, texts: list[str]) -> list[dict]:
-        ids = self.tokenizer([self.cleaned(t) for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
-        probs = decisions.probabilities(self.scorer.logits(ids, MAX_TEXTS), self.decision)
+        cleaned = [self.cleaned(t) for t in texts]
+        ids = self.tokenizer(cleaned, truncation=True, max_length=self.max_length)["input_ids"]
+        logits = self.scorer.logits(ids, MAX_TEXTS)
+        if self.ensemble is not None:  # the same blend as evaluate and predict (newstune.ensemble)
+            logits = self.ensemble.combine(logits, cleaned)
+        probs = decisions.probabilities(logits, self.decision)
         names = decisions.label_names(decisions.labels(probs, self.decision), self.label_names, self.decision)
         key = "labels" if self.decision.multi_label else "label"
         return [{key: name, "probabilities": {n: round(float(p), 6) for n, p in zip(self.label_names, row)}}
@@ -108,7 +114,7 @@ def load_served(specs: list[str], backend: str = "torch") -> dict[str, ServedMod
         share_base_weights(run.model, pool)
         served[name] = ServedModel(name, run.run_dir, run.scorer, run.tokenizer, run.label_names, run.threshold,
                                    run.config.data.max_length, run.config.model.name,
-                                   run.config.data.clean, run.decision, run.config.data)
+                                   run.config.data.clean, run.decision, run.config.data, run.ensemble)
     return served
 
 

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from newstune.baseline import compact, fit_baseline
+from newstune.baseline import compact, fit_baseline, summary
 from newstune.card import write_card
 from newstune.checkpoint import (
     load_optimizer_state,
@@ -43,6 +43,8 @@ from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchS
 from newstune.data.registry import HOLDOUT, DatasetBundle, load_dataset, load_eval_set
 from newstune.data.splits import class_weights, positive_weights
 from newstune.decisions import Decision
+from newstune.distill import UNLABELLED, Teacher, distillation_loss, prepare_teacher
+from newstune.ensemble import Ensemble, fit_ensemble, save_ensemble
 from newstune.errors import Interrupted, NewstuneError
 from newstune.evaluate import (
     calibration_report,
@@ -188,6 +190,33 @@ class Trainer:
         self.stop_requested = threading.Event()
         self.interrupted = False
         self.tokens_on_device: torch.Tensor | None = None  # non-padding tokens not yet added to state.tokens
+        self.teacher: Teacher | None = None  # distill.teacher: its logits on the training texts
+        self.teacher_seconds = 0.0
+        self.ensemble: Ensemble | None = None  # eval.ensemble: fitted on validation after training
+        # Built by setup() (the loader, optimizer and model by accelerate.prepare), declared here so that a trainer's
+        # whole state is visible in one place.
+        self.accelerator: Accelerator | None = None
+        self.precision, self.device, self.threads = "fp32", "cpu", 1
+        self.bundle: DatasetBundle | None = None
+        self.label_names: list[str] = []
+        self.multi_label = False
+        self.decision = Decision()
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.parameters: dict = {}
+        self.frozen_dtype = "fp32"
+        self.fast_dropout = self.first_token_only = False
+        self.encoded: dict[str, list[list[int]]] = {}
+        self.train_ids: list[list[int]] = []  # the training split's ids, then any unlabelled texts' (distill)
+        self.batch_sampler: LengthGroupedBatchSampler | None = None
+        self.train_loader: DataLoader | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.loss_fn: torch.nn.Module | None = None
+        self.steps_per_epoch = self.total_steps = 0
+        self.prefix: FrozenPrefix | None = None  # train.cache_frozen_layers
+        self.prefix_seconds = 0.0
+        self.writer = None  # TensorBoard, open while fit() runs
         # called after every validation evaluation with (epochs trained, selection score); a search's pruner
         # reads it and may raise to stop the trial
         self.on_evaluate: Callable[[float, float], None] | None = None
@@ -224,6 +253,11 @@ class Trainer:
         self.first_token_only = cfg.first_token_last_layer and run_last_layer_on_first_token(self.model)
         self.encoded = {split: tokenize_texts(self.tokenizer, part.texts, self.config.data.max_length,
                                               cache_dir() / "tokens") for split, part in self.bundle.splits.items()}
+        self.teacher = self._teacher() if self.config.distill.teacher is not None else None
+        # the texts the loop trains on: the training split, then any unlabelled texts learnt from the teacher only
+        self.train_ids = self.encoded["train"] + (
+            tokenize_texts(self.tokenizer, self.teacher.unlabelled_texts, self.config.data.max_length,
+                           cache_dir() / "tokens") if self.teacher is not None else [])
         self.train_loader = self._train_loader()
         self.optimizer = self._optimizer()
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
@@ -241,21 +275,34 @@ class Trainer:
         if self.resume:
             self._load_checkpoint()
 
+    def _teacher(self) -> Teacher:
+        """The teacher's logits on this run's training texts (and unlabelled ones), before any folder is made."""
+        start = time.perf_counter()
+        held_out = {text for split, part in self.bundle.splits.items() if split != "train" for text in part.texts}
+        teacher = prepare_teacher(self.config.distill, self.config.train.seed, self.bundle.splits["train"].texts,
+                                  held_out, self.config.data.clean, self.label_names, self.multi_label)
+        self.teacher_seconds = time.perf_counter() - start
+        log.info("teacher %s: logits of %d texts in %.1f s", teacher.run_dir, len(teacher.logits),
+                 self.teacher_seconds)
+        return teacher
+
     def _frozen_prefix(self) -> FrozenPrefix:
         """Lower-layer states of every training text, computed once (the time counts as training time)."""
         start = time.perf_counter()
         prefix = FrozenPrefix(self.accelerator.unwrap_model(self.model))
-        prefix.compute(self.encoded["train"], self.tokenizer.pad_token_id, self.precision, self.device,
+        prefix.compute(self.train_ids, self.tokenizer.pad_token_id, self.precision, self.device,
                        self.config.train.eval_batch_size, progress=self.accelerator.is_main_process)
         self.prefix_seconds = self._add_time(start)
-        log.info("cached layers 0-%d of %d texts: %.0f MB in %.1f s", prefix.depth - 1, len(self.encoded["train"]),
+        log.info("cached layers 0-%d of %d texts: %.0f MB in %.1f s", prefix.depth - 1, len(self.train_ids),
                  prefix.nbytes / 2**20, self.prefix_seconds)
         return prefix
 
     def _train_loader(self) -> DataLoader:
         cfg = self.config.train
-        train = EncodedDataset(self.encoded["train"], self.bundle.splits["train"].labels,
-                               with_index=cfg.cache_frozen_layers)
+        labels = list(self.bundle.splits["train"].labels) + [UNLABELLED] * (len(self.train_ids)
+                                                                           - len(self.encoded["train"]))
+        train = EncodedDataset(self.train_ids, labels, with_index=cfg.cache_frozen_layers,
+                               teacher=self.teacher.logits if self.teacher is not None else None)
         sampler = self.batch_sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed,
                                                                  cfg.group_by_length)
         return DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
@@ -359,12 +406,21 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate_split(self, split: str, decision: Decision | None = None) -> tuple[dict, torch.Tensor]:
-        model = self.accelerator.unwrap_model(self.model)
-        logits = predict_logits(model, self.encoded[split], self.tokenizer.pad_token_id,
-                                self.config.train.eval_batch_size, self.precision, self.device,
-                                progress=self.accelerator.is_main_process, desc=f"evaluate {split}")
+        """Metrics and logits of a split: the encoder's, blended with the TF-IDF model once the ensemble is fitted."""
+        logits = self._blend(split, self._encoder_logits(split))
         labels = np.asarray(self.bundle.splits[split].labels)
         return classification_metrics(labels, logits.numpy(), self.label_names, decision or self.decision), logits
+
+    def _encoder_logits(self, split: str) -> torch.Tensor:
+        model = self.accelerator.unwrap_model(self.model)
+        return predict_logits(model, self.encoded[split], self.tokenizer.pad_token_id,
+                              self.config.train.eval_batch_size, self.precision, self.device,
+                              progress=self.accelerator.is_main_process, desc=f"evaluate {split}")
+
+    def _blend(self, split: str, logits: torch.Tensor) -> torch.Tensor:
+        if self.ensemble is None:
+            return logits
+        return torch.from_numpy(self.ensemble.combine(logits.numpy(), self.bundle.splits[split].texts))
 
     def _evaluate_epoch(self, epoch: int) -> bool:
         """Validation metrics at this step; keeps the best weights; returns True when training should stop."""
@@ -539,8 +595,15 @@ class Trainer:
         with self.accelerator.accumulate(self.model):
             labels = batch.pop("labels")
             labels = labels.float() if self.multi_label else labels
+            teacher = batch.pop("teacher", None)
             with record_function("newstune::forward"):
-                loss = self.loss_fn(self.forward_logits(batch).float(), labels)
+                logits = self.forward_logits(batch).float()
+                if teacher is None:
+                    loss = self.loss_fn(logits, labels)
+                else:
+                    distill = self.config.distill
+                    loss = distillation_loss(logits, teacher, labels, self.loss_fn, distill.alpha,
+                                             distill.temperature, self.multi_label)
             with record_function("newstune::backward"):
                 self.accelerator.backward(loss)
             with record_function("newstune::optimizer"):
@@ -598,14 +661,27 @@ class Trainer:
                 raise NewstuneError(f"{self.run_dir / BEST_WEIGHTS}: tensors {sorted(missing)[:3]} are not in this "
                                     "run's model; the file was changed")
             plain.load_state_dict(best, strict=False)
-        _, val_logits = self.evaluate_split("validation")
         val_labels = np.asarray(self.bundle.splits["validation"].labels)
+        val_encoder = self._encoder_logits("validation")
+        ensemble_report = self._fit_ensemble(val_encoder.numpy()) if self.config.eval.ensemble != "none" else None
+        val_logits = self._blend("validation", val_encoder)
         self.decision = fit_decision(val_labels, val_logits.numpy(), self.config.eval, self.multi_label)
+        if self.ensemble is not None:
+            self.decision = replace(self.decision, ensemble=self.ensemble.settings())
         validation = classification_metrics(val_labels, val_logits.numpy(), self.label_names, self.decision)
         final_split = "test" if self.config.eval.test else "validation"
         start = time.perf_counter()
-        final, final_logits = self.evaluate_split(final_split)
+        final_encoder = self._encoder_logits(final_split)
+        final_logits = self._blend(final_split, final_encoder)
+        final = classification_metrics(np.asarray(self.bundle.splits[final_split].labels), final_logits.numpy(),
+                                       self.label_names, self.decision)
         eval_seconds = time.perf_counter() - start
+        if ensemble_report is not None:  # the encoder alone, with its own rule fitted on validation: the comparison
+            alone = fit_decision(val_labels, val_encoder.numpy(), self.config.eval, self.multi_label)
+            ensemble_report["encoder_alone"] = {
+                split: summary(classification_metrics(np.asarray(self.bundle.splits[split].labels), logits.numpy(),
+                                                      self.label_names, alone))
+                for split, logits in (("validation", val_encoder), (final_split, final_encoder))}
         save_model(model, self.tokenizer, self.run_dir / MODEL_DIR)
         logits = {"validation": val_logits.numpy(), final_split: final_logits.numpy()}
         metrics = {"validation": validation, **({"test": final} if self.config.eval.test else {}),
@@ -620,11 +696,25 @@ class Trainer:
             metrics[HOLDOUT], _ = self.evaluate_split(HOLDOUT)
         if self.config.eval.baseline:
             metrics["baseline"] = self._baseline()
+        if self.teacher is not None:
+            metrics["distill"] = {**self.teacher.record(), "teacher_seconds": self.teacher_seconds}
+        if ensemble_report is not None:
+            metrics["ensemble"] = ensemble_report
+            save_ensemble(self.run_dir, self.ensemble)
         write_decision(self.run_dir, self.decision)
         write_metrics(self.run_dir, metrics)
         self._plots(final, logits[final_split], final_split)
         write_card(self.run_dir)
         return metrics
+
+    def _fit_ensemble(self, val_encoder: np.ndarray) -> dict:
+        """eval.ensemble: the TF-IDF model, temperatures and blend weight, all chosen on validation."""
+        start = time.perf_counter()
+        self.ensemble, report = fit_ensemble(self.bundle, val_encoder, self.config.train.metric, self.config.eval)
+        report["fit_seconds"] = time.perf_counter() - start
+        log.info("ensemble: baseline weight %.2f chosen on validation (%.1f s)", self.ensemble.weight,
+                 report["fit_seconds"])
+        return report
 
     def _baseline(self) -> dict:
         """The TF-IDF baseline on this run's own splits (seconds); what it scores is what the fine-tune must beat."""
@@ -658,6 +748,8 @@ class Trainer:
             ids = tokenize_texts(self.tokenizer, split.texts, self.config.data.max_length, cache_dir() / "tokens")
             logits = predict_logits(model, ids, self.tokenizer.pad_token_id, self.config.train.eval_batch_size,
                                     self.precision, self.device)
+            if self.ensemble is not None:
+                logits = torch.from_numpy(self.ensemble.combine(logits.numpy(), split.texts))
             out[f"extra:{extra.name}"] = classification_metrics(np.asarray(split.labels), logits.numpy(),
                                                                 self.label_names, self.decision)
         return out

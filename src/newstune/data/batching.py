@@ -71,10 +71,16 @@ def _read_cached(path: Path, n_texts: int) -> list[list[int]] | None:
 
 
 class EncodedDataset(Dataset):
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None = None, with_index: bool = False) -> None:
+    """Token ids with, optionally, labels, each row's index (frozen-prefix cache) and a teacher's logits."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | None = None, with_index: bool = False,
+                 teacher: torch.Tensor | None = None) -> None:
+        if teacher is not None and len(teacher) != len(input_ids):
+            raise ValueError(f"{len(teacher)} teacher rows for {len(input_ids)} texts")
         self.input_ids = input_ids
         self.labels = labels
         self.with_index = with_index
+        self.teacher = teacher
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -85,6 +91,8 @@ class EncodedDataset(Dataset):
             item["labels"] = self.labels[index]
         if self.with_index:
             item["index"] = index
+        if self.teacher is not None:
+            item["teacher"] = self.teacher[index]
         return item
 
     @property
@@ -112,6 +120,8 @@ class Collator:
         for key in ("labels", "index"):
             if key in items[0]:
                 batch[key] = torch.tensor([item[key] for item in items])
+        if "teacher" in items[0]:
+            batch["teacher"] = torch.stack([item["teacher"] for item in items])
         return batch
 
 
