@@ -58,7 +58,7 @@ def blend_run(run_dir: Path, splits: tuple[str, ...]) -> dict:
     run = load_run(run_dir)
     bundle = load_dataset(run.config.data, run.config.train.seed)
     truth = {s: np.asarray(bundle.splits[s].labels) for s in splits}
-    encoder = {s: split_logits(run, bundle.splits[s].texts) for s in splits}
+    encoder = {s: split_logits(run, bundle.splits[s].texts, blend=False) for s in splits}
     features = Features.fit(bundle.splits["train"].texts)
     x = {s: features.transform(bundle.splits[s].texts) for s in ("train", *splits)}
     train_y = np.asarray(bundle.splits["train"].labels)

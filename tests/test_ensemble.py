@@ -117,7 +117,7 @@ def test_the_saved_linear_model_scores_like_the_fitted_one(tiny_data, tmp_path):
     bundle = load_dataset(validate(tiny_config(tiny_data, tiny_data)).data, 7)
     chosen = choose_baseline(bundle, "macro_f1", EvalSettings())
     texts = bundle.splits["test"].texts
-    LinearTextModel.from_features(chosen.features, chosen.model).save(tmp_path / "e")
+    LinearTextModel.from_chosen(chosen).save(tmp_path / "e")
     loaded = LinearTextModel.load(tmp_path / "e", len(bundle.label_names))
     assert np.allclose(loaded.logits(texts), margins(chosen.model, chosen.features.transform(texts)), atol=1e-10)
 

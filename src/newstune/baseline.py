@@ -23,6 +23,7 @@ from sklearn.svm import LinearSVC
 from newstune.config import EvalSettings
 from newstune.data.registry import DatasetBundle
 from newstune.data.speaker_record import LIAR_CREDIT_FIELDS, record_numbers_from_text
+from newstune.decisions import Decision
 from newstune.evaluate import classification_metrics
 from newstune.tuning import fit_decision
 
@@ -30,6 +31,7 @@ DESCRIPTION = "TF-IDF word 1-2 + char_wb 2-5 n-grams, LinearSVC"
 C_GRID = (0.1, 0.3, 1.0)
 CLASS_WEIGHTS = (None, "balanced")
 MIN_DF_ROWS = 1000
+RECORD_WIDTH = len(LIAR_CREDIT_FIELDS) + 1  # the record's five shares and log(1 + rated)
 SUMMARY_KEYS = ("accuracy", "macro_f1", "micro_f1", "loss", "n")
 
 
@@ -73,7 +75,7 @@ class Features:
         words = self.union.transform(texts)
         record = record_columns(texts) if self.with_record else None
         if self.with_record and record is None:  # a text without a record: zeros in the record's columns
-            record = csr_matrix((len(texts), len(LIAR_CREDIT_FIELDS) + 1))
+            record = csr_matrix((len(texts), RECORD_WIDTH))
         return hstack([words, record]).tocsr() if record is not None else words
 
 
@@ -107,14 +109,17 @@ class ChosenBaseline:
     model: object
     c: float
     class_weight: str | None
-    decision: object
+    decision: Decision
     validation: dict
+    validation_logits: np.ndarray
     candidates: list[dict]
-    multi_label: bool
+    n_features: int
+    seconds: float = 0.0  # fitting every candidate and choosing
 
 
 def choose_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings) -> ChosenBaseline:
     """Fits every candidate on train and keeps the best by validation `metric`; never reads test."""
+    start = time.perf_counter()
     multi_label = bool(bundle.info.get("multi_label"))
     train, valid = bundle.splits["train"], bundle.splits["validation"]
     train_y, valid_y = np.asarray(train.labels), np.asarray(valid.labels)
@@ -130,20 +135,23 @@ def choose_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings) 
             score = selection_score(metrics, metric)
             candidates.append({"C": c, "class_weight": weight or "none", metric: score})
             if best is None or score > best[0] + 1e-12:
-                best = (score, ChosenBaseline(features, model, c, weight, decision, metrics, candidates,
-                                              multi_label))
+                best = (score, ChosenBaseline(features, model, c, weight, decision, metrics, logits, candidates,
+                                              int(train_x.shape[1])))
+    best[1].seconds = time.perf_counter() - start
     return best[1]
 
 
-def fit_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings, with_test: bool = True) -> dict:
-    """The baseline's validation (and test) metrics, the chosen settings and every candidate's validation score."""
+def fit_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings, with_test: bool = True,
+                 chosen: ChosenBaseline | None = None) -> dict:
+    """The baseline's validation (and test) metrics, the chosen settings and every candidate's validation score.
+
+    `chosen`: a choice already made on this bundle (a run that blends with the baseline fits it once)."""
+    chosen = chosen or choose_baseline(bundle, metric, settings)
     start = time.perf_counter()
-    chosen = choose_baseline(bundle, metric, settings)
-    n_features = sum(len(view.vocabulary_) for _, view in chosen.features.union.transformer_list)
     result = {"model": DESCRIPTION + (" + the speaker record's numbers" if chosen.features.with_record else ""),
               "settings": {"C": chosen.c, "class_weight": chosen.class_weight or "none",
                            "chosen_by": f"validation {metric}"},
-              "features": n_features + (len(LIAR_CREDIT_FIELDS) + 1 if chosen.features.with_record else 0),
+              "features": chosen.n_features,
               "candidates": chosen.candidates, "validation": chosen.validation,
               "decision": chosen.decision.to_dict()}
     if with_test:
@@ -151,7 +159,7 @@ def fit_baseline(bundle: DatasetBundle, metric: str, settings: EvalSettings, wit
         result["test"] = classification_metrics(np.asarray(test.labels),
                                                 margins(chosen.model, chosen.features.transform(test.texts)),
                                                 bundle.label_names, chosen.decision)
-    result["fit_seconds"] = time.perf_counter() - start
+    result["fit_seconds"] = chosen.seconds + time.perf_counter() - start
     return result
 
 

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from newstune.baseline import summary
 from newstune.card import write_card
 from newstune.data.batching import tokenize_texts
 from newstune.data.registry import HOLDOUT, load_dataset
-from newstune.ensemble import fit_ensemble, save_ensemble
+from newstune.ensemble import encoder_alone, fit_ensemble, save_ensemble
 from newstune.errors import NewstuneError
 from newstune.evaluate import calibration_report, classification_metrics, plot_reliability
-from newstune.infer import predict_logits
 from newstune.paths import cache_dir
 from newstune.run import METRICS_FILE, LoadedRun, load_run, read_metrics, write_decision, write_metrics
 from newstune.tuning import fit_decision
@@ -26,8 +24,9 @@ from newstune.tuning import fit_decision
 def split_logits(run: LoadedRun, texts: list[str], batch_size: int = 64, blend: bool = True) -> np.ndarray:
     """The logits the run's decision rule reads (blend=False: the encoder's alone, even where the run blends)."""
     ids = tokenize_texts(run.tokenizer, texts, run.config.data.max_length, cache_dir() / "tokens")
-    encoder = predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision, progress=True)
-    return encoder.numpy() if run.ensemble is None or not blend else run.ensemble.combine(encoder.numpy(), texts)
+    if blend:
+        return run.logits(texts, ids, batch_size, progress=True)
+    return run.scorer.logits(ids, batch_size, progress=True)
 
 
 def keep_previous(run_dir: Path) -> Path | None:
@@ -75,10 +74,7 @@ def calibrate_run(run_dir: Path, method: str | None = None, tune_class_bias: boo
         logits = {split: fitted.combine(encoder[split], bundle.splits[split].texts) for split in splits}
     decision = fit_decision(labels["validation"], logits["validation"], settings, multi_label)
     if blend:
-        alone = fit_decision(labels["validation"], encoder["validation"], settings, multi_label)
-        report["encoder_alone"] = {split: summary(classification_metrics(labels[split], encoder[split],
-                                                                         run.label_names, alone))
-                                   for split in splits}
+        report["encoder_alone"] = encoder_alone(labels, encoder, run.label_names, settings)
         decision = replace(decision, ensemble=fitted.settings())
     for split in splits:
         metrics[split] = classification_metrics(labels[split], logits[split], run.label_names, decision)

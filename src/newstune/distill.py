@@ -8,8 +8,8 @@ seed group the run with the student's seed, whose validation split is the studen
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +21,21 @@ from safetensors.torch import save_file
 
 from newstune.config import CleanConfig, DistillSettings
 from newstune.data.batching import tokenize_texts
-from newstune.data.files import read_table, reading, require_columns
+from newstune.data.files import open_binary, read_table, reading, require_columns
 from newstune.data.text import clean_text
 from newstune.ensemble import ENSEMBLE_DIR
 from newstune.errors import NewstuneError
 from newstune.paths import cache_dir
 from newstune.run import (
     DECISION_FILE,
-    GROUP_FILE,
     METRICS_FILE,
     MODEL_DIR,
+    is_seed_group,
     load_run,
     read_config,
     read_metrics,
     require_run,
+    seed_run_dir,
 )
 
 log = logging.getLogger("newstune")
@@ -63,8 +64,8 @@ class Teacher:
 def teacher_run_dir(teacher: Path, seed: int) -> Path:
     """The teacher folder itself, or in a seed group the run trained with the student's seed."""
     teacher = Path(teacher)
-    if (teacher / GROUP_FILE).is_file():
-        member = teacher / f"seed-{seed}"
+    if is_seed_group(teacher):
+        member = seed_run_dir(teacher, seed)
         if not member.is_dir():
             raise NewstuneError(f"distill.teacher {teacher} is a seed group without seed-{seed}; train the student "
                                 f"with a seed the group has, or pass one run folder as the teacher")
@@ -83,10 +84,8 @@ def read_unlabelled(path: Path, column: str, clean: CleanConfig, limit: int | No
         raise NewstuneError(f"distill.unlabelled_file not found: {path} (a CSV/TSV/JSONL with a '{column}' column "
                             "or a .txt with one text per line)")
     if [s for s in path.suffixes if s != ".gz"][-1:] == [".txt"]:
-        with reading(path):
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as handle:
-                raw = handle.read().splitlines()
+        with reading(path), open_binary(path) as handle:
+            raw = io.TextIOWrapper(handle, encoding="utf-8").read().splitlines()
     else:
         frame = read_table(path)
         require_columns(path, frame, [column])

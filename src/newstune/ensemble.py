@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
-from scipy.sparse import csr_matrix, hstack
+from scipy.special import log_softmax
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.pipeline import FeatureUnion
 
-from newstune.baseline import Features, choose_baseline, margins, record_columns, selection_score
+from newstune.baseline import RECORD_WIDTH, ChosenBaseline, Features, choose_baseline, selection_score, summary
 from newstune.calibration import fit_temperature
 from newstune.config import EvalSettings
 from newstune.data.registry import DatasetBundle
-from newstune.data.speaker_record import LIAR_CREDIT_FIELDS
 from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics
 from newstune.tuning import fit_decision
@@ -38,41 +38,28 @@ ENSEMBLE_DIR = "ensemble"
 VOCABULARY_FILE = "vocabulary.json"
 WEIGHTS_FILE = "weights.safetensors"
 WEIGHTS = [round(w, 2) for w in np.linspace(0, 1, 21)]
-RECORD_WIDTH = len(LIAR_CREDIT_FIELDS) + 1
 VIEW_KEYS = ("analyzer", "ngram_range", "sublinear_tf", "lowercase")
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 @dataclass
 class LinearTextModel:
-    """The baseline's fitted TF-IDF views and linear classifier, enough to score new texts."""
+    """The baseline's fitted features (TF-IDF views, maybe the LIAR record) and linear classifier."""
 
-    views: list[TfidfVectorizer]
-    with_record: bool
+    features: Features
     coef: np.ndarray  # (outputs, features); a binary LinearSVC has one output
     intercept: np.ndarray
 
     @classmethod
-    def from_features(cls, features: Features, model) -> LinearTextModel:
-        return cls([view for _, view in features.union.transformer_list], features.with_record,
-                   np.asarray(model.coef_, dtype=np.float64), np.asarray(model.intercept_, dtype=np.float64))
+    def from_chosen(cls, chosen: ChosenBaseline) -> LinearTextModel:
+        return cls(chosen.features, np.asarray(chosen.model.coef_, dtype=np.float64),
+                   np.asarray(chosen.model.intercept_, dtype=np.float64))
 
-    def transform(self, texts: list[str]) -> csr_matrix:
-        """The same matrix as `baseline.Features.transform` (the views side by side, then the record)."""
-        parts = [view.transform(texts) for view in self.views]
-        if self.with_record:
-            record = record_columns(texts)
-            parts.append(record if record is not None else csr_matrix((len(texts), RECORD_WIDTH)))
-        return hstack(parts).tocsr()
+    @property
+    def views(self) -> list[TfidfVectorizer]:
+        return [view for _, view in self.features.union.transformer_list]
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        scores = self.transform(texts) @ self.coef.T + self.intercept
-        scores = np.asarray(scores)
+        scores = np.asarray(self.features.transform(texts) @ self.coef.T + self.intercept)
         if scores.shape[1] == 1:  # binary: [0, margin], as baseline.margins
             scores = np.hstack([np.zeros_like(scores), scores])
         return scores
@@ -81,7 +68,7 @@ class LinearTextModel:
         folder.mkdir(parents=True, exist_ok=True)
         views = [{**{key: getattr(view, key) for key in VIEW_KEYS},
                   "vocabulary": {term: int(i) for term, i in view.vocabulary_.items()}} for view in self.views]
-        (folder / VOCABULARY_FILE).write_text(json.dumps({"views": views, "with_record": self.with_record}))
+        (folder / VOCABULARY_FILE).write_text(json.dumps({"views": views, "with_record": self.features.with_record}))
         # C order: safetensors writes an array's buffer as it lies, and liblinear's coef_ is Fortran-ordered
         tensors = {"coef": self.coef, "intercept": self.intercept,
                    **{f"idf_{i}": np.asarray(view.idf_, dtype=np.float64) for i, view in enumerate(self.views)}}
@@ -112,7 +99,7 @@ class LinearTextModel:
                                        sublinear_tf=bool(view_spec["sublinear_tf"]),
                                        lowercase=bool(view_spec["lowercase"]), vocabulary=vocabulary)
                 view.idf_ = idf
-                views.append(view)
+                views.append((view_spec["analyzer"], view))
                 width += len(vocabulary)
             with_record = spec["with_record"]
             if not isinstance(with_record, bool):
@@ -126,7 +113,7 @@ class LinearTextModel:
                 np.isfinite(coef).all() and np.isfinite(intercept).all()):
             raise NewstuneError(f"{weights_file}: coefficients of shape {coef.shape} do not fit {width} features and "
                                 f"{n_labels} labels; {fix}")
-        return cls(views, with_record, coef, intercept)
+        return cls(Features(FeatureUnion(views), with_record), coef, intercept)
 
 
 @dataclass
@@ -150,20 +137,21 @@ class Ensemble:
 
 def mix(encoder: np.ndarray, baseline: np.ndarray, weight: float, t_encoder: float, t_baseline: float) -> np.ndarray:
     """(1 - w) * log_softmax(encoder / T_e) + w * log_softmax(baseline / T_b), as float32 logits."""
-    return ((1 - weight) * log_softmax(encoder / t_encoder)
-            + weight * log_softmax(baseline / t_baseline)).astype(np.float32)
+    encoder, baseline = (np.asarray(z, dtype=np.float64) for z in (encoder, baseline))
+    return ((1 - weight) * log_softmax(encoder / t_encoder, axis=1)
+            + weight * log_softmax(baseline / t_baseline, axis=1)).astype(np.float32)
 
 
-def fit_ensemble(bundle: DatasetBundle, encoder_validation: np.ndarray, metric: str,
-                 settings: EvalSettings) -> tuple[Ensemble, dict]:
-    """The baseline chosen as in every run, the temperatures and the weight, all on validation only."""
+def fit_ensemble(bundle: DatasetBundle, encoder_validation: np.ndarray, metric: str, settings: EvalSettings,
+                 chosen: ChosenBaseline | None = None) -> tuple[Ensemble, dict]:
+    """The baseline chosen as in every run (or `chosen`, that choice already made), the temperatures and the weight,
+    all on validation only."""
     if bundle.info.get("multi_label"):
         raise NewstuneError("eval.ensemble: tfidf is for single-label tasks; set eval.ensemble: none for a "
                             "multi-label run")
-    chosen = choose_baseline(bundle, metric, settings)
-    linear = LinearTextModel.from_features(chosen.features, chosen.model)
-    texts, truth = bundle.splits["validation"].texts, np.asarray(bundle.splits["validation"].labels)
-    baseline_validation = margins(chosen.model, chosen.features.transform(texts))
+    chosen = chosen or choose_baseline(bundle, metric, settings)
+    truth = np.asarray(bundle.splits["validation"].labels)
+    baseline_validation = chosen.validation_logits
     t_enc = float(fit_temperature(encoder_validation, truth))
     t_lin = float(fit_temperature(baseline_validation, truth))
     curve = []
@@ -173,10 +161,18 @@ def fit_ensemble(bundle: DatasetBundle, encoder_validation: np.ndarray, metric: 
         curve.append({"weight": weight, metric: selection_score(
             classification_metrics(truth, blended, bundle.label_names, decision), metric)})
     best = max(curve, key=lambda point: (point[metric], -point["weight"]))  # ties: the smaller baseline weight
-    ensemble = Ensemble(linear, best["weight"], t_enc, t_lin)
+    ensemble = Ensemble(LinearTextModel.from_chosen(chosen), best["weight"], t_enc, t_lin)
     report = {**ensemble.settings(), "chosen_by": f"validation {metric}", "validation_curve": curve,
               "baseline": {"C": chosen.c, "class_weight": chosen.class_weight or "none"}}
     return ensemble, report
+
+
+def encoder_alone(labels: dict[str, np.ndarray], encoder: dict[str, np.ndarray], label_names: list[str],
+                  settings: EvalSettings) -> dict:
+    """The encoder's figures per split with its own decision rule fitted on validation: what the blend is beside."""
+    alone = fit_decision(labels["validation"], encoder["validation"], settings, False)
+    return {split: summary(classification_metrics(labels[split], logits, label_names, alone))
+            for split, logits in encoder.items()}
 
 
 def save_ensemble(run_dir: Path, ensemble: Ensemble) -> None:

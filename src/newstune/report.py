@@ -12,7 +12,6 @@ from newstune.data.registry import TextSplit, encode_labels, iter_file_rows, loa
 from newstune.data.text import clean_text
 from newstune.errors import NewstuneError
 from newstune.evaluate import classification_metrics, plot_confusion
-from newstune.infer import predict_logits
 from newstune.paths import cache_dir
 from newstune.run import LoadedRun, load_run, read_config, read_metrics, write_metrics
 from newstune.tables import markdown_table
@@ -20,9 +19,8 @@ from newstune.tables import markdown_table
 
 def evaluate_loaded(run: LoadedRun, split: TextSplit, batch_size: int = 64) -> dict:
     ids = tokenize_texts(run.tokenizer, split.texts, run.config.data.max_length, cache_dir() / "tokens")
-    logits = predict_logits(run.model, ids, run.tokenizer.pad_token_id, batch_size, run.precision, progress=True)
-    blended = logits.numpy() if run.ensemble is None else run.ensemble.combine(logits.numpy(), split.texts)
-    return classification_metrics(np.asarray(split.labels), blended, run.label_names, run.decision)
+    logits = run.logits(split.texts, ids, batch_size, progress=True)
+    return classification_metrics(np.asarray(split.labels), logits, run.label_names, run.decision)
 
 
 def read_extra_split(spec: str, run: LoadedRun) -> tuple[str, TextSplit]:

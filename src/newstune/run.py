@@ -67,6 +67,15 @@ def write_run_header(run_dir: Path, config: RunConfig, label_names: list[str]) -
     (run_dir / LABELS_FILE).write_text(json.dumps(label_names, indent=1))
 
 
+def seed_run_dir(group: Path, seed: int) -> Path:
+    """The run of one seed inside a seed group (train --seeds)."""
+    return Path(group) / f"seed-{seed}"
+
+
+def is_seed_group(path: Path) -> bool:
+    return (Path(path) / GROUP_FILE).is_file()
+
+
 def require_run(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():

@@ -11,7 +11,16 @@ import yaml
 
 from newstune.config import RunConfig, dump_config, validate
 from newstune.errors import Interrupted, NewstuneError
-from newstune.run import GROUP_FILE, METRICS_FILE, check_new_run_dir, planned_run_dir, read_metrics, write_atomically
+from newstune.run import (
+    GROUP_FILE,
+    METRICS_FILE,
+    check_new_run_dir,
+    is_seed_group,
+    planned_run_dir,
+    read_metrics,
+    seed_run_dir,
+    write_atomically,
+)
 from newstune.train import CHECKPOINT, resume, train
 
 SUMMARY_FILE = "seeds.json"
@@ -19,10 +28,6 @@ SPLIT_FIGURES = ("accuracy", "macro_f1", "micro_f1", "loss")
 BASELINE_FIGURES = ("accuracy", "macro_f1", "micro_f1")
 EFFICIENCY_FIGURES = ("train_seconds", "epoch_seconds_mean", "train_samples_per_s", "train_tokens_per_s",
                       "peak_rss_mb")
-
-
-def seed_run_dir(group: Path, seed: int) -> Path:
-    return group / f"seed-{seed}"
 
 
 def train_seeds(config: RunConfig, seeds: int, output_dir: Path | None = None) -> tuple[Path, dict]:
@@ -49,10 +54,6 @@ def train_or_resume(config: RunConfig | None, seeds: int, output_dir: Path | Non
     if seeds not in (1, len(planned)):
         raise NewstuneError(f"{resume_dir} was started with {len(planned)} seeds; drop --seeds to finish it")
     return resume_dir, finish_seeds(resume_dir)
-
-
-def is_seed_group(path: Path) -> bool:
-    return (Path(path) / GROUP_FILE).is_file()
 
 
 def group_runs(group: Path) -> list[Path]:

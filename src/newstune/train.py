@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from newstune.baseline import compact, fit_baseline, summary
+from newstune.baseline import ChosenBaseline, choose_baseline, compact, fit_baseline
 from newstune.card import write_card
 from newstune.checkpoint import (
     load_optimizer_state,
@@ -44,7 +44,7 @@ from newstune.data.registry import HOLDOUT, DatasetBundle, load_dataset, load_ev
 from newstune.data.splits import class_weights, positive_weights
 from newstune.decisions import Decision
 from newstune.distill import UNLABELLED, Teacher, distillation_loss, prepare_teacher
-from newstune.ensemble import Ensemble, fit_ensemble, save_ensemble
+from newstune.ensemble import Ensemble, encoder_alone, fit_ensemble, save_ensemble
 from newstune.errors import Interrupted, NewstuneError
 from newstune.evaluate import (
     calibration_report,
@@ -193,6 +193,7 @@ class Trainer:
         self.teacher: Teacher | None = None  # distill.teacher: its logits on the training texts
         self.teacher_seconds = 0.0
         self.ensemble: Ensemble | None = None  # eval.ensemble: fitted on validation after training
+        self.chosen_baseline: ChosenBaseline | None = None  # fitted once after training (baseline and ensemble)
         # Built by setup() (the loader, optimizer and model by accelerate.prepare), declared here so that a trainer's
         # whole state is visible in one place.
         self.accelerator: Accelerator | None = None
@@ -407,7 +408,7 @@ class Trainer:
 
     def evaluate_split(self, split: str, decision: Decision | None = None) -> tuple[dict, torch.Tensor]:
         """Metrics and logits of a split: the encoder's, blended with the TF-IDF model once the ensemble is fitted."""
-        logits = self._blend(split, self._encoder_logits(split))
+        logits = self._blend(self._encoder_logits(split), self.bundle.splits[split].texts)
         labels = np.asarray(self.bundle.splits[split].labels)
         return classification_metrics(labels, logits.numpy(), self.label_names, decision or self.decision), logits
 
@@ -417,10 +418,11 @@ class Trainer:
                               self.config.train.eval_batch_size, self.precision, self.device,
                               progress=self.accelerator.is_main_process, desc=f"evaluate {split}")
 
-    def _blend(self, split: str, logits: torch.Tensor) -> torch.Tensor:
+    def _blend(self, logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """The encoder's logits of `texts`, blended with the TF-IDF model once the ensemble is fitted."""
         if self.ensemble is None:
             return logits
-        return torch.from_numpy(self.ensemble.combine(logits.numpy(), self.bundle.splits[split].texts))
+        return torch.from_numpy(self.ensemble.combine(logits.numpy(), texts))
 
     def _evaluate_epoch(self, epoch: int) -> bool:
         """Validation metrics at this step; keeps the best weights; returns True when training should stop."""
@@ -664,7 +666,7 @@ class Trainer:
         val_labels = np.asarray(self.bundle.splits["validation"].labels)
         val_encoder = self._encoder_logits("validation")
         ensemble_report = self._fit_ensemble(val_encoder.numpy()) if self.config.eval.ensemble != "none" else None
-        val_logits = self._blend("validation", val_encoder)
+        val_logits = self._blend(val_encoder, self.bundle.splits["validation"].texts)
         self.decision = fit_decision(val_labels, val_logits.numpy(), self.config.eval, self.multi_label)
         if self.ensemble is not None:
             self.decision = replace(self.decision, ensemble=self.ensemble.settings())
@@ -672,16 +674,15 @@ class Trainer:
         final_split = "test" if self.config.eval.test else "validation"
         start = time.perf_counter()
         final_encoder = self._encoder_logits(final_split)
-        final_logits = self._blend(final_split, final_encoder)
+        final_logits = self._blend(final_encoder, self.bundle.splits[final_split].texts)
         final = classification_metrics(np.asarray(self.bundle.splits[final_split].labels), final_logits.numpy(),
                                        self.label_names, self.decision)
         eval_seconds = time.perf_counter() - start
-        if ensemble_report is not None:  # the encoder alone, with its own rule fitted on validation: the comparison
-            alone = fit_decision(val_labels, val_encoder.numpy(), self.config.eval, self.multi_label)
-            ensemble_report["encoder_alone"] = {
-                split: summary(classification_metrics(np.asarray(self.bundle.splits[split].labels), logits.numpy(),
-                                                      self.label_names, alone))
-                for split, logits in (("validation", val_encoder), (final_split, final_encoder))}
+        if ensemble_report is not None:
+            ensemble_report["encoder_alone"] = encoder_alone(
+                {split: np.asarray(self.bundle.splits[split].labels) for split in ("validation", final_split)},
+                {"validation": val_encoder.numpy(), final_split: final_encoder.numpy()}, self.label_names,
+                self.config.eval)
         save_model(model, self.tokenizer, self.run_dir / MODEL_DIR)
         logits = {"validation": val_logits.numpy(), final_split: final_logits.numpy()}
         metrics = {"validation": validation, **({"test": final} if self.config.eval.test else {}),
@@ -710,16 +711,23 @@ class Trainer:
     def _fit_ensemble(self, val_encoder: np.ndarray) -> dict:
         """eval.ensemble: the TF-IDF model, temperatures and blend weight, all chosen on validation."""
         start = time.perf_counter()
-        self.ensemble, report = fit_ensemble(self.bundle, val_encoder, self.config.train.metric, self.config.eval)
+        self.ensemble, report = fit_ensemble(self.bundle, val_encoder, self.config.train.metric, self.config.eval,
+                                             self._chosen_baseline())
         report["fit_seconds"] = time.perf_counter() - start
         log.info("ensemble: baseline weight %.2f chosen on validation (%.1f s)", self.ensemble.weight,
                  report["fit_seconds"])
         return report
 
+    def _chosen_baseline(self) -> ChosenBaseline:
+        """The baseline chosen on validation, fitted once for both the blend and the reported baseline."""
+        if self.chosen_baseline is None:
+            self.chosen_baseline = choose_baseline(self.bundle, self.config.train.metric, self.config.eval)
+        return self.chosen_baseline
+
     def _baseline(self) -> dict:
         """The TF-IDF baseline on this run's own splits (seconds); what it scores is what the fine-tune must beat."""
         result = compact(fit_baseline(self.bundle, self.config.train.metric, self.config.eval,
-                                      with_test=self.config.eval.test))
+                                      with_test=self.config.eval.test, chosen=self._chosen_baseline()))
         log.info("baseline %s: %s", result["model"], json.dumps({k: result[k] for k in ("validation", "test")
                                                                  if k in result}))
         return result
@@ -748,8 +756,7 @@ class Trainer:
             ids = tokenize_texts(self.tokenizer, split.texts, self.config.data.max_length, cache_dir() / "tokens")
             logits = predict_logits(model, ids, self.tokenizer.pad_token_id, self.config.train.eval_batch_size,
                                     self.precision, self.device)
-            if self.ensemble is not None:
-                logits = torch.from_numpy(self.ensemble.combine(logits.numpy(), split.texts))
+            logits = self._blend(logits, split.texts)
             out[f"extra:{extra.name}"] = classification_metrics(np.asarray(split.labels), logits.numpy(),
                                                                 self.label_names, self.decision)
         return out
