@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from newstune.baseline import C_GRID, CLASS_WEIGHTS, Features, classifier, margins
-from newstune.calibrate import split_logits
-from newstune.calibration import fit_temperature
 from newstune.data.registry import load_dataset
-from newstune.run import load_run
+from newstune.decisions.baseline import C_GRID, CLASS_WEIGHTS, Features, classifier, margins
+from newstune.decisions.calibration import fit_temperature
+from newstune.rundir.run import load_run
+from newstune.training.calibrate import split_logits
 
 WEIGHTS = np.round(np.linspace(0, 1, 21), 2)
 OFFSETS = np.round(np.linspace(-2, 2, 41), 2)  # binary: an offset on class 1's log-odds, as a tuned threshold

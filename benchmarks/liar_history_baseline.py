@@ -24,7 +24,7 @@ from sklearn.metrics import f1_score
 from newstune.config import DataConfig
 from newstune.data.registry import LIAR_BINARY, find_file, liar_rows, read_liar
 from newstune.data.speaker_record import record_numbers, with_speaker_records
-from newstune.evaluate import tune_threshold
+from newstune.decisions.metrics import tune_threshold
 
 MODES = ("off", "train_record", "exclude_self", "raw")
 C_GRID = (0.25, 1.0, 4.0)

@@ -23,11 +23,11 @@ from sklearn.metrics import f1_score
 from newstune.data.batching import tokenize_texts
 from newstune.data.registry import LIAR_BINARY, find_file, load_dataset, read_liar
 from newstune.data.speaker_record import record_numbers, with_speaker_records
-from newstune.evaluate import tune_threshold
-from newstune.infer import predict_logits
+from newstune.decisions.metrics import tune_threshold
+from newstune.modeling.infer import predict_logits
 from newstune.paths import cache_dir
-from newstune.run import load_run, read_metrics
-from newstune.seeds import group_runs, is_seed_group, mean_spread, spread
+from newstune.reporting.seed_table import group_runs, mean_spread, spread
+from newstune.rundir.run import is_seed_group, load_run, read_metrics
 
 SPLITS = (("train", "train.tsv"), ("validation", "valid.tsv"), ("test", "test.tsv"))
 

@@ -21,9 +21,9 @@ from sklearn.multiclass import OneVsRestClassifier
 
 from newstune.config import load_config
 from newstune.data.registry import load_dataset
-from newstune.decisions import Decision
-from newstune.evaluate import multilabel_metrics
-from newstune.tuning import tune_label_thresholds
+from newstune.decisions.metrics import multilabel_metrics
+from newstune.decisions.rule import Decision
+from newstune.decisions.tuning import tune_label_thresholds
 
 C_GRID = (1.0, 4.0, 16.0)
 KEYS = ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "ece", "n")

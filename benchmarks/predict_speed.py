@@ -33,7 +33,7 @@ def timed(label_fn, texts: list[str]) -> tuple[list[int], float]:
 def pipeline_rows(run_dir: Path, texts: list[str], max_length: int) -> list[dict]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from newstune.export import export_merged
+    from newstune.inference.export import export_merged
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,9 +66,9 @@ def newstune_row(run, texts: list[str], gate: str) -> dict:
 
 def ensure_exports(run_dir: Path) -> dict[str, dict]:
     """Each backend export of the run, made (and gated on validation) when missing; refused ones are reported."""
-    from newstune.backend_export import export_backend
     from newstune.errors import NewstuneError
-    from newstune.run import export_dir, read_exports
+    from newstune.inference.backend_export import export_backend
+    from newstune.rundir.run import export_dir, read_exports
 
     for backend, int8 in EXPORTS:
         if not export_dir(run_dir, backend, "int8" if int8 else "fp32").exists():
@@ -82,9 +82,9 @@ def ensure_exports(run_dir: Path) -> dict[str, dict]:
 def main() -> None:
     import numpy as np
 
-    from newstune.backends import export_scorer
     from newstune.data.registry import load_dataset
-    from newstune.run import load_run
+    from newstune.modeling.backends import export_scorer
+    from newstune.rundir.run import load_run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)

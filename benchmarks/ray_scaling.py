@@ -33,7 +33,7 @@ def cpu_facts() -> dict:
 
 def train_rows(out: Path, train_rows: int, eval_rows: int) -> list[dict]:
     from newstune.config import load_config
-    from newstune.ray_train import train_on_ray
+    from newstune.training.ray_train import train_on_ray
 
     rows = []
     for workers, grad_accum in ((1, 2), (2, 1)):
@@ -77,9 +77,9 @@ def labels_of(paths: list[Path]) -> list[tuple[str, int, str]]:
 
 
 def scoring_rows(run_dir: Path, tmp: Path, copies: int, shard_rows: int, backend: str) -> list[dict]:
-    from newstune.predict import predict_file
-    from newstune.ray_predict import predict_files
-    from newstune.run import load_run
+    from newstune.inference.predict import predict_file
+    from newstune.inference.ray_predict import predict_files
+    from newstune.rundir.run import load_run
 
     n = write_copies(tmp / "in", copies)
     inputs = sorted((tmp / "in").glob("*.jsonl"))

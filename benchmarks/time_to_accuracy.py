@@ -33,7 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_DATA, cpu_line, empty_token_cache, machine, markdown_table, write_results  # noqa: E402
 
-from newstune.train import peak_rss_mb, resolve_precision  # noqa: E402
+from newstune.training.train import peak_rss_mb, resolve_precision  # noqa: E402
 
 CONTENDERS = ["hf-expert", "newstune", "newstune-fastest"]
 THRESHOLDS = (0.90, 0.91, 0.92)
@@ -61,17 +61,16 @@ def steps_between_evaluations(steps_per_epoch: int, evals_per_epoch: int) -> int
 
 def run_newstune(config: dict, evals_per_epoch: int, out: Path) -> list[dict]:
     from newstune.config import validate
-    from newstune.run import create_run_dir, write_run_header
-    from newstune.train import Trainer, logging_to
+    from newstune.rundir.run import create_run_dir, write_run_header
+    from newstune.training.train import Trainer, logging_to
 
-    start = time.perf_counter()
     trainer = Trainer(validate(config), None)
     trainer.setup()
     trainer.config.train.eval_every_steps = steps_between_evaluations(trainer.steps_per_epoch, evals_per_epoch)
     trainer.run_dir = create_run_dir(out / "newstune")
     write_run_header(trainer.run_dir, trainer.config, trainer.label_names)
-    # the loop's clock already holds the frozen-layer cache build; the rest of the setup is added to it
-    setup_seconds = time.perf_counter() - start - trainer.prefix_seconds
+    # the loop's clock already holds the frozen-layer cache build; setup() records the rest of its time
+    setup_seconds = trainer.setup_seconds
     with logging_to(trainer.run_dir):
         trainer.fit()
     return [{"step": r["step"], "minutes": (setup_seconds + r["train_seconds"]) / 60, "accuracy": r["accuracy"]}
@@ -93,8 +92,8 @@ def run_hf(config: dict, evals_per_epoch: int, out: Path, precision: str) -> lis
 
     from newstune.config import validate
     from newstune.data.registry import load_dataset
-    from newstune.model import target_modules
-    from newstune.weights import resolve_model_path
+    from newstune.modeling.model import target_modules
+    from newstune.modeling.weights import resolve_model_path
 
     settings = validate(config)
     train_cfg, lora = settings.train, settings.lora

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import SHARED_DATA, cpu_line, empty_token_cache, machine, markdown_table, write_results  # noqa: E402
 
-from newstune.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
-from newstune.train import peak_rss_mb, resolve_precision  # noqa: E402
+from newstune.training.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
+from newstune.training.train import peak_rss_mb, resolve_precision  # noqa: E402
 
 MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000, "top_layers": 2},
          "full": {"model": "mpnet", "rows": 1000, "eval_rows": 500, "top_layers": 4}}
@@ -79,7 +79,7 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
     )
 
     from newstune.config import LoraSettings
-    from newstune.model import target_modules
+    from newstune.modeling.model import target_modules
 
     start = time.perf_counter()
     set_seed(seed)  # before the head and the LoRA matrices are created, as newstune does
@@ -133,10 +133,9 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, 
     from transformers import AutoConfig
 
     from newstune.config import validate
-    from newstune.model import load_tokenizer
-    from newstune.run import create_run_dir, write_run_header
-    from newstune.train import Trainer, logging_to
-    from newstune.weights import resolve_model_path
+    from newstune.modeling.model import load_tokenizer
+    from newstune.modeling.weights import resolve_model_path
+    from newstune.training.train import train
 
     config = validate({
         "name": "bench", "data": {"name": "ag_news", "max_length": HYPER["max_length"]},
@@ -148,15 +147,9 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, 
                   "seed": seed, "eval_every_epoch": False, "warmup_ratio": 0.0,
                   "cache_frozen_layers": top_layers is not None, **(switched_off or {})},
         "eval": {"latency_samples": 0}})
-    start = time.perf_counter()  # the same boundary as run_hf: texts in, trained model out, evaluation apart
-    trainer = Trainer(config, None)
-    trainer.setup(bundle)
-    trainer.run_dir = create_run_dir(out / "newstune")
-    write_run_header(trainer.run_dir, config, trainer.label_names)
-    with logging_to(trainer.run_dir):
-        trainer.fit()
-        seconds = time.perf_counter() - start
-        metrics = trainer.finish()
+    # the same boundary as run_hf: texts in, trained model out, evaluation apart (train() records it)
+    _, metrics = train(config, out / "newstune", bundle=bundle)
+    seconds = metrics["efficiency"]["wall_seconds_to_trained"]
     eff = metrics["efficiency"]
     tokenizer = load_tokenizer(resolve_model_path(model_name))
     lengths = [len(ids) for ids in tokenizer(bundle.splits["train"].texts, truncation=True,
@@ -172,7 +165,7 @@ def run_newstune(model_name: str, bundle, out: Path, seed: int, precision: str, 
 
 
 def contender_main(args: argparse.Namespace) -> None:
-    from newstune.weights import resolve_model_path
+    from newstune.modeling.weights import resolve_model_path
 
     mode = MODES[args.mode]
     bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])

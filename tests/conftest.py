@@ -107,8 +107,8 @@ def make_served(model_dir: Path, labels: list[str], name: str = "topics", run_di
     """A ServedModel over the untrained tiny encoder with a fresh head: HTTP behaviour without training a run."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from newstune.backends import torch_scorer
-    from newstune.serve import ServedModel
+    from newstune.modeling.backends import torch_scorer
+    from newstune.serving.serve import ServedModel
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels)).requires_grad_(False)

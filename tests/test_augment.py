@@ -19,7 +19,7 @@ from newstune.data.augment import (
 )
 from newstune.data.registry import load_dataset, load_eval_set
 from newstune.errors import NewstuneError
-from newstune.generate import dedupe, filter_by_classifier, generate_rows, generate_synthetic
+from newstune.inference.generate import dedupe, filter_by_classifier, generate_rows, generate_synthetic
 
 from .conftest import SHARED_DATA, needs_shared_data, synthetic_rows, write_csv
 
@@ -193,8 +193,8 @@ def test_huffpost_mapped_onto_ag_classes():
 
 def test_training_evaluates_extra_sets_and_evaluate_cli_adds_more(tiny_models, tiny_data, tmp_path):
     from newstune.config import validate
-    from newstune.report import evaluate_run
-    from newstune.train import train
+    from newstune.reporting.report import evaluate_run
+    from newstune.training.train import train
 
     from .conftest import tiny_config
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import newstune.backend_export
-from newstune.backend_export import export_backend
-from newstune.backends import Scorer, choose_export
+import newstune.inference.backend_export
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.predict import predict_file
-from newstune.run import export_dir, load_run
-from newstune.serve import create_app, load_served
-from newstune.train import train
+from newstune.inference.backend_export import export_backend
+from newstune.inference.predict import predict_file
+from newstune.modeling.backends import Scorer, choose_export
+from newstune.rundir.run import export_dir, load_run
+from newstune.serving.serve import create_app, load_served
+from newstune.training.train import train
 
 from .conftest import synthetic_rows, tiny_config, write_csv
 
@@ -66,7 +66,7 @@ def test_each_backend_export_matches_pytorch_on_validation(fresh_run, backend, i
 
 
 def test_the_gate_refuses_an_int8_model_that_loses_accuracy(fresh_run, monkeypatch):
-    real = newstune.backend_export.export_scorer
+    real = newstune.inference.backend_export.export_scorer
 
     def broken(*args, **kwargs) -> Scorer:  # an int8 model whose logits came out scrambled
         scorer = real(*args, **kwargs)
@@ -74,7 +74,7 @@ def test_the_gate_refuses_an_int8_model_that_loses_accuracy(fresh_run, monkeypat
         scorer.forward = lambda ids, mask: np.roll(forward(ids, mask), 1, axis=1)
         return scorer
 
-    monkeypatch.setattr(newstune.backend_export, "export_scorer", broken)
+    monkeypatch.setattr(newstune.inference.backend_export, "export_scorer", broken)
     with pytest.raises(NewstuneError, match=r"^onnx int8 export refused: validation macro-F1 .* points below "
                                             r"PyTorch's .* \(tolerance 0.5 points\); nothing was written"):
         export_backend(fresh_run, "onnx", int8=True)
@@ -142,14 +142,14 @@ def test_the_export_command_refuses_with_one_line_and_exit_2(fresh_run, monkeypa
 
     from newstune.cli import main
 
-    real = newstune.backend_export.export_scorer
+    real = newstune.inference.backend_export.export_scorer
 
     def constant(*args, **kwargs) -> Scorer:  # a model that says the same class for every text
         scorer = real(*args, **kwargs)
         scorer.forward = lambda ids, mask: np.tile(np.asarray([[5.0, 0.0, 0.0]], np.float32), (len(ids), 1))
         return scorer
 
-    monkeypatch.setattr(newstune.backend_export, "export_scorer", constant)
+    monkeypatch.setattr(newstune.inference.backend_export, "export_scorer", constant)
     monkeypatch.setattr(sys, "argv", ["newstune", "export", str(fresh_run), "--backend", "openvino"])
     with pytest.raises(SystemExit) as exited:
         main()
@@ -162,7 +162,7 @@ def test_the_export_command_refuses_with_one_line_and_exit_2(fresh_run, monkeypa
 def test_a_serve_worker_process_builds_its_app_from_the_environment(run_dir, monkeypatch):
     import torch
 
-    from newstune.serve import WORKER_OPTIONS, app_from_env
+    from newstune.serving.serve import WORKER_OPTIONS, app_from_env
 
     monkeypatch.setenv(WORKER_OPTIONS, json.dumps({"specs": [f"topics={run_dir}"], "backend": "torch", "threads": 1,
                                                    "max_wait_ms": 0, "max_queue": 3}))

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import yaml
 
-from newstune.baseline import fit_baseline
 from newstune.config import EvalSettings, load_config
 from newstune.data.registry import DatasetBundle, load_dataset
 from newstune.data.speaker_record import credit_text, record_numbers, record_numbers_from_text
 from newstune.data.splits import TextSplit
+from newstune.decisions.baseline import fit_baseline
 from newstune.errors import NewstuneError
-from newstune.search import parse_space, search
-from newstune.train import layer_depth
+from newstune.training.search import parse_space, search
+from newstune.training.train import layer_depth
 from tests.conftest import synthetic_rows
 
 
@@ -93,7 +93,7 @@ def tiny_recipe(tmp_path, tiny_models, tiny_data):
 
 def test_search_reads_validation_only_and_writes_a_recipe(tmp_path, tiny_models, tiny_data, monkeypatch):
     """Fails if any trial evaluates the test split, or if the pick is not the best validation value."""
-    from newstune import train as training
+    from newstune.training import train as training
 
     seen = []
     original = training.Trainer.evaluate_split
@@ -144,8 +144,8 @@ def load_config_for_files(tiny_data, **data):
 
 
 def test_baseline_in_a_trained_run(tmp_path, tiny_models, tiny_data):
-    from newstune.report import run_row
-    from newstune.train import train
+    from newstune.reporting.report import run_row
+    from newstune.training.train import train
 
     config = load_config(tiny_recipe(tmp_path, tiny_models, tiny_data))
     run_dir, metrics = train(config, tmp_path / "run")

@@ -1,5 +1,3 @@
-import ast
-import graphlib
 import gzip
 import itertools
 import re
@@ -211,41 +209,6 @@ def test_standard_dataset_without_local_copy_fails_clearly(monkeypatch, tmp_path
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(NewstuneError, match="no local copy .*NEWSTUNE_DATA"):
         load_dataset(DataConfig(name="liar"))
-
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def import_graph() -> dict[str, set[str]]:
-    """newstune module -> the newstune modules it imports anywhere in the file (function-level imports too)."""
-    files = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (SRC / "newstune").rglob("*.py")}
-    graph = {}
-    for name, path in files.items():
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
-        graph[name] = {module for module in found if module in files} - {name}
-    return graph
-
-
-def test_data_layer_imports_only_data_config_and_errors():
-    graph = import_graph()
-    allowed = ("newstune.data", "newstune.config", "newstune.errors")
-    data_modules = [name for name in graph if name.startswith("newstune.data")]
-    assert "newstune.data.registry" in data_modules
-    outside = {name: sorted(m for m in graph[name] if not m.startswith(allowed)) for name in data_modules}
-    assert not any(outside.values()), f"the data layer imports upward: {outside}"
-
-
-def test_no_newstune_modules_import_each_other():
-    try:
-        list(graphlib.TopologicalSorter(import_graph()).static_order())
-    except graphlib.CycleError as err:
-        pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")
 
 
 def test_length_grouped_sampler_is_deterministic_and_grouped():

@@ -8,20 +8,20 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from newstune import decisions
-from newstune.calibrate import calibrate_run
-from newstune.calibration import fit_temperature
 from newstune.config import validate
 from newstune.data.splits import split_label_set
-from newstune.decisions import Decision
+from newstune.decisions import rule as decisions
+from newstune.decisions.calibration import fit_temperature
+from newstune.decisions.metrics import calibration_scores, expected_calibration_error
+from newstune.decisions.rule import Decision
+from newstune.decisions.tuning import tune_class_bias, tune_label_thresholds
 from newstune.errors import NewstuneError
-from newstune.evaluate import calibration_scores, expected_calibration_error
-from newstune.export import export_merged
-from newstune.predict import predict_file
-from newstune.run import load_run, read_metrics
-from newstune.serve import create_app, load_served
-from newstune.train import train
-from newstune.tuning import tune_class_bias, tune_label_thresholds
+from newstune.inference.export import export_merged
+from newstune.inference.predict import predict_file
+from newstune.rundir.run import load_run, read_metrics
+from newstune.serving.serve import create_app, load_served
+from newstune.training.calibrate import calibrate_run
+from newstune.training.train import train
 
 from .conftest import FILLER, TOPICS, synthetic_rows, tiny_config, write_csv
 
@@ -46,8 +46,8 @@ def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model(tiny_mode
     run_dir, metrics = train(validate(tiny_config(tiny_models["bert"], tiny_data)), tmp_path / "run")
     assert metrics["validation"]["accuracy"] > 0.8  # a model that learned, so its scaled logits are over-confident
     run = load_run(run_dir)
-    from newstune.calibrate import split_logits
     from newstune.data.registry import load_dataset
+    from newstune.training.calibrate import split_logits
 
     valid = load_dataset(run.config.data).splits["validation"]
     logits = split_logits(run, valid.texts) * 8.0
@@ -75,13 +75,13 @@ def test_every_run_reports_calibration_before_and_after(tiny_models, tiny_data, 
 
 
 def test_calibration_never_reads_the_test_split(tiny_models, tmp_path, monkeypatch):
-    import newstune.train
+    import newstune.training.steps
 
     for name, n, seed in (("train.csv", 300, 1), ("valid.csv", 60, 2), ("test.csv", 45, 3)):
         write_csv(tmp_path / name, synthetic_rows(n, seed))
     seen = []
-    real = newstune.train.fit_decision
-    monkeypatch.setattr(newstune.train, "fit_decision", lambda y, z, *a: seen.append(len(y)) or real(y, z, *a))
+    real = newstune.training.steps.fit_decision
+    monkeypatch.setattr(newstune.training.steps, "fit_decision", lambda y, z, *a: seen.append(len(y)) or real(y, z, *a))
     train(validate(tiny_config(tiny_models["bert"], tmp_path, **{"train.epochs": 1})), tmp_path / "run")
     assert seen == [60]  # validation only; the 45 test rows never reach the fit
 
@@ -237,7 +237,7 @@ def test_model_card_matches_metrics(biased_run):
 def test_a_leaky_run_says_so_in_its_card(biased_run, tmp_path):
     import shutil
 
-    from newstune.card import write_card
+    from newstune.reporting.card import write_card
 
     leaky = tmp_path / "leaky"
     shutil.copytree(biased_run, leaky)
@@ -312,7 +312,7 @@ def test_multi_label_model_card_and_export_say_multi_label(multi_label_run, tmp_
 
 def test_multi_label_positive_weights_reach_the_loss(tiny_models, tmp_path):
     from newstune.data.splits import positive_weights
-    from newstune.train import Trainer
+    from newstune.training.train import Trainer
 
     assert positive_weights([(1, 0), (1, 1), (0, 0), (0, 0)]) == [1.0, 3.0]
     for name, n, seed in (("train.csv", 120, 1), ("valid.csv", 30, 2), ("test.csv", 30, 3)):
@@ -336,7 +336,7 @@ def test_multi_label_calibration_scores_every_label():
 
 def test_vector_scaling_offsets_undo_a_prior_shift_that_a_temperature_cannot():
     """Class weights shift a binary model's logits toward the rare class: an offset fixes it, a temperature not."""
-    from newstune.calibration import fit_scaling
+    from newstune.decisions.calibration import fit_scaling
 
     rng = np.random.default_rng(1)
     margin = rng.normal(0, 2, 4000)
@@ -361,7 +361,7 @@ def test_a_tampered_decision_is_refused_with_one_line(tampered):
 
 
 def test_a_decision_file_that_is_not_json_is_refused(tmp_path):
-    from newstune.run import read_decision
+    from newstune.rundir.run import read_decision
 
     (tmp_path / "decision.json").write_text("{temperature: ")
     with pytest.raises(NewstuneError, match="decision.json: not valid JSON"):
@@ -370,25 +370,25 @@ def test_a_decision_file_that_is_not_json_is_refused(tmp_path):
 
 def test_a_scaling_that_raises_the_validation_ece_is_dropped(monkeypatch):
     """Fails if a temperature that bins worse on validation is kept and the run (and its card) called calibrated."""
-    import newstune.tuning
+    import newstune.decisions.tuning
     from newstune.config import EvalSettings
-    from newstune.tuning import fit_decision
+    from newstune.decisions.tuning import fit_decision
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 3, 600)
     logits = rng.normal(0, 1, (600, 3))
     logits[np.arange(600), truth] += 1.0  # moderately confident, roughly calibrated
-    monkeypatch.setattr(newstune.tuning, "fit_scaling", lambda *a, **k: (0.1, None))  # 10x over-confident
+    monkeypatch.setattr(newstune.decisions.tuning, "fit_scaling", lambda *a, **k: (0.1, None))  # 10x over-confident
     decision = fit_decision(truth, logits, EvalSettings(calibration="temperature"), multi_label=False)
     assert decision.calibration == "none" and decision.temperature == 1.0
-    monkeypatch.setattr(newstune.tuning, "fit_scaling", lambda *a, **k: (1.0, None))
+    monkeypatch.setattr(newstune.decisions.tuning, "fit_scaling", lambda *a, **k: (1.0, None))
     assert fit_decision(truth, logits, EvalSettings(calibration="temperature"), False).calibration == "temperature"
 
 
 def test_label_names_are_literal_text_in_the_card():
     """Fails if a label name from the data reaches the card's Markdown raw: a `|` splits the table, `<script>`
     renders as HTML on the hub."""
-    from newstune.card import md_text
+    from newstune.reporting.card import md_text
 
     assert md_text("<script>alert(1)</script>") == r"\<script\>alert\(1\)\</script\>"
     assert md_text("a|b") == r"a\|b" and md_text("[x](http://e)") == r"\[x\]\(http://e\)"

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from newstune import distill
 from newstune.cli import app
 from newstune.config import validate
-from newstune.distill import UNLABELLED, distillation_loss, teacher_logits, teacher_run_dir
 from newstune.errors import NewstuneError
-from newstune.run import load_run, read_config
-from newstune.train import train
+from newstune.rundir.run import load_run, read_config
+from newstune.training import distill
+from newstune.training.distill import UNLABELLED, distillation_loss, teacher_logits, teacher_run_dir
+from newstune.training.train import train
 
 from .conftest import synthetic_rows, tiny_config, write_csv
 

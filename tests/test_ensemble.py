@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from newstune import decisions
-from newstune.baseline import choose_baseline, margins
 from newstune.config import EvalSettings, validate
 from newstune.data.registry import load_dataset
-from newstune.ensemble import ENSEMBLE_DIR, LinearTextModel, fit_ensemble
+from newstune.decisions import rule as decisions
+from newstune.decisions.baseline import choose_baseline, margins
+from newstune.decisions.ensemble import ENSEMBLE_DIR, LinearTextModel, fit_ensemble
 from newstune.errors import NewstuneError
-from newstune.predict import predict_file
-from newstune.report import evaluate_loaded
-from newstune.run import load_run
-from newstune.serve import create_app, load_served
-from newstune.train import train
+from newstune.inference.predict import predict_file
+from newstune.reporting.report import evaluate_loaded
+from newstune.rundir.run import load_run
+from newstune.serving.serve import create_app, load_served
+from newstune.training.train import train
 
 from .conftest import synthetic_rows, tiny_config, write_csv
 
@@ -56,7 +56,7 @@ def test_the_blend_is_recorded_and_beats_the_weak_encoder(hybrid):
 def test_evaluate_predict_serve_and_openvino_give_the_same_answers(fresh, tmp_path):
     # Fails when any consumer skips the blend: the encoder alone gives other probabilities (checked below).
     pytest.importorskip("openvino")
-    from newstune.backend_export import export_backend
+    from newstune.inference.backend_export import export_backend
 
     run = load_run(fresh)
     bundle = load_dataset(run.config.data, run.config.train.seed)

@@ -4,11 +4,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
 
 from newstune.config import validate
-from newstune.fast_dropout import FastDropout
-from newstune.first_token import restore_full_last_layer, run_last_layer_on_first_token
-from newstune.frozen_prefix import encoder_model
-from newstune.run import write_run_header
-from newstune.train import Trainer
+from newstune.modeling.fast_dropout import FastDropout
+from newstune.modeling.first_token import restore_full_last_layer, run_last_layer_on_first_token
+from newstune.modeling.frozen_prefix import encoder_model
+from newstune.rundir.run import write_run_header
+from newstune.training.train import Trainer, finish_run
 
 from .conftest import tiny_config
 
@@ -86,7 +86,7 @@ def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_mode
     last_layer = encoder_model(trainer.model).encoder.layer[-1]
     assert "forward" in vars(last_layer)
     trainer.fit()
-    metrics = trainer.finish()
+    metrics = finish_run(trainer)
     # the saved model, predict and serve run the full layer: latency and eval speed are measured on that
     assert "forward" not in vars(last_layer) and metrics["efficiency"]["first_token_last_layer"]
 
@@ -94,7 +94,7 @@ def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_mode
 def test_a_layer_copy_that_disagrees_switches_itself_off(tiny_models, monkeypatch, caplog):
     """Fails if a first-token forward that no longer matches transformers' layer (a changed release) is installed
     anyway: training would silently run a different model."""
-    import newstune.first_token as first_token
+    import newstune.modeling.first_token as first_token
 
     real = first_token._bert_layer_forward
 
@@ -104,7 +104,7 @@ def test_a_layer_copy_that_disagrees_switches_itself_off(tiny_models, monkeypatc
 
     monkeypatch.setattr(first_token, "_bert_layer_forward", drifted)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
-    with caplog.at_level("WARNING", logger="newstune.first_token"):
+    with caplog.at_level("WARNING", logger="newstune.modeling.first_token"):
         assert not run_last_layer_on_first_token(model)
     assert "forward" not in vars(model.bert.encoder.layer[-1])
     assert len(caplog.records) == 1 and "first-token last layer off" in caplog.records[0].getMessage()

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from newstune.first_token import run_last_layer_on_first_token
-from newstune.profile import analytic_train_flops, op_category
-from newstune.report import report_runs, run_row
-from newstune.sweep import compare, parse_grid, parse_variant, sweep
+from newstune.modeling.first_token import run_last_layer_on_first_token
+from newstune.reporting.report import report_runs, run_row
+from newstune.training.profile import analytic_train_flops, op_category
+from newstune.training.sweep import compare, parse_grid, parse_variant, sweep
 
 from .conftest import tiny_config
 
@@ -127,7 +127,7 @@ def test_compare_reports_failed_variant_and_finishes_the_others(tiny_models, tin
 def test_sweep_budget_interrupt_and_resume(tiny_models, tiny_data, tmp_path, monkeypatch):
     recipe = recipe_file(tmp_path, tiny_models, tiny_data)
     grid = ["lora.r=2,4,32", "lora.target_modules=qv"]
-    import newstune.sweep as sweep_module
+    import newstune.training.sweep as sweep_module
 
     real_train = sweep_module.train_in_subprocess
     calls = []
@@ -168,7 +168,7 @@ def load_study(sweep_dir):
 def flaky_trainer(monkeypatch, fails: int, point: str = "lora.r=4") -> list[str]:
     """The real trainer, except that the first `fails` trainings of one grid point fail (FAILED written, as the
     real one does). Returns the lora.r override of every training call."""
-    import newstune.sweep as sweep_module
+    import newstune.training.sweep as sweep_module
 
     real_train, calls = sweep_module.train_in_subprocess, []
 
@@ -213,7 +213,7 @@ def test_pending_grid_points_never_count_a_failure_as_done():
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
-    from newstune.sweep import pending_grid_points, trial_outcomes
+    from newstune.training.sweep import pending_grid_points, trial_outcomes
 
     study = optuna.create_study()
     space = {"lora.r": CategoricalDistribution([2, 4, 8])}
@@ -237,7 +237,7 @@ def test_pending_grid_points_never_count_a_failure_as_done():
 
 
 def test_sweep_retries_a_killed_trial(tiny_models, tiny_data, tmp_path, monkeypatch):
-    import newstune.sweep as sweep_module
+    import newstune.training.sweep as sweep_module
     from newstune.config import load_config
 
     monkeypatch.setattr(sweep_module, "HEARTBEAT_S", 1)
@@ -264,8 +264,8 @@ def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path, monkeypatch
     from transformers import AutoConfig
 
     from newstune.config import validate
-    from newstune.profile import CATEGORIES, profile_run
-    from newstune.train import Trainer
+    from newstune.training.profile import CATEGORIES, profile_run
+    from newstune.training.train import Trainer
 
     masks, train_step = [], Trainer.train_step
 
@@ -299,7 +299,7 @@ def test_profile_breakdown_and_mfu(tiny_models, tiny_data, tmp_path, monkeypatch
 
 def test_run_row_of_unfinished_run(tmp_path, tiny_models, tiny_data):
     from newstune.config import validate
-    from newstune.train import train
+    from newstune.training.train import train
 
     run_dir, _ = train(validate(tiny_config(tiny_models["bert"], tiny_data)), tmp_path / "cut", stop_after_steps=3)
     assert run_row(run_dir)["status"] == "failed"

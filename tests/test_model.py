@@ -14,8 +14,8 @@ from transformers import (
 
 from newstune.config import LoraSettings, ModelSettings
 from newstune.errors import NewstuneError
-from newstune.model import ARCH_MODULES, apply_lora, build_model, count_parameters, hold_frozen_in
-from newstune.weights import resolve_model_path
+from newstune.modeling.model import ARCH_MODULES, apply_lora, build_model, count_parameters, hold_frozen_in
+from newstune.modeling.weights import resolve_model_path
 
 LABELS = ["a", "b", "c"]
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,

@@ -9,8 +9,8 @@ from schemathesis.specs.openapi.checks import negative_data_rejection  # noqa: E
 
 from newstune.config import CleanConfig  # noqa: E402
 from newstune.data.text import clean_text  # noqa: E402
-from newstune.guard import has_visible  # noqa: E402
-from newstune.serve import MAX_CHARS, create_app  # noqa: E402
+from newstune.serving.guard import has_visible  # noqa: E402
+from newstune.serving.serve import MAX_CHARS, create_app  # noqa: E402
 
 from .conftest import make_served  # noqa: E402
 

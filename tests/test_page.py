@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from newstune.serve import create_app, load_served
+from newstune.serving.serve import create_app, load_served
 
 from .conftest import make_served
 from .test_use import runs  # noqa: F401 -- the module fixture with two trained tiny runs
@@ -122,7 +122,7 @@ def test_page_shows_names_as_text_and_runs_no_script_in_them(tiny_models):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_page_shows_a_multi_label_answer_as_its_label_set(tiny_models):
-    from newstune.decisions import Decision
+    from newstune.decisions.rule import Decision
 
     playwright = pytest.importorskip("playwright.sync_api")
     served = make_served(tiny_models["bert"], PAYLOAD_LABELS, name="tags")

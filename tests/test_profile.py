@@ -3,8 +3,8 @@
 import torch
 
 from newstune.config import validate
-from newstune.profile import profiled_steps
-from newstune.train import Trainer
+from newstune.training.profile import profiled_steps
+from newstune.training.train import Trainer
 
 from .conftest import tiny_config
 

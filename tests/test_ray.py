@@ -22,11 +22,11 @@ import yaml
 
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.predict import predict_file
-from newstune.ray_predict import MANIFEST, expand_inputs, piece_chunks, plan_pieces, predict_files
-from newstune.run import load_run
-from newstune.sweep import sweep
-from newstune.train import train
+from newstune.inference.predict import predict_file
+from newstune.inference.ray_predict import MANIFEST, expand_inputs, piece_chunks, plan_pieces, predict_files
+from newstune.rundir.run import load_run
+from newstune.training.sweep import sweep
+from newstune.training.train import train
 
 from .conftest import synthetic_rows, tiny_config
 
@@ -96,15 +96,16 @@ def test_local_paths_import_without_ray():
                "    def find_spec(self, name, path, target=None):\n"
                "        if name == 'ray' or name.startswith('ray.'): raise ImportError(name)\n"
                "sys.meta_path.insert(0, NoRay())\n"
-               "import newstune.cli, newstune.predict, newstune.train, newstune.sweep, newstune.serve\n"
-               "import newstune.ray_predict, newstune.ray_train, newstune.ray_sweep, newstune.ray_cluster\n"
+               "import newstune.cli, newstune.inference.predict, newstune.training.train, newstune.training.sweep\n"
+               "import newstune.serving.serve, newstune.inference.ray_predict, newstune.training.ray_train\n"
+               "import newstune.distributed.sweep, newstune.distributed.cluster\n"
                "assert 'ray' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_unreachable_address_fails_in_seconds():
-    from newstune.ray_cluster import check_reachable
+    from newstune.distributed.cluster import check_reachable
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -177,7 +178,7 @@ def test_changed_input_is_refused_on_resume(tmp_path):
 
 
 def test_sweep_machines_share_one_study_through_storage(tiny_models, tiny_data, tmp_path, monkeypatch):
-    import newstune.sweep as sweep_module
+    import newstune.training.sweep as sweep_module
 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1})))
@@ -265,7 +266,7 @@ def test_killed_ray_scoring_resumes_without_loss_or_duplicates(topic_run, tmp_pa
 
 @pytest.mark.slow
 def test_train_with_two_ray_workers_matches_a_local_run(tiny_models, tiny_data, tmp_path, small_ray):
-    from newstune.ray_train import train_on_ray
+    from newstune.training.ray_train import train_on_ray
 
     # the same effective batch: 2 workers x 16, or 1 process x 16 x 2 accumulated micro-batches
     # 10 epochs: both runs learn the tiny task (at 6 the local run's accuracy ranged 0.80-0.93 with the dropout draws)
@@ -283,7 +284,7 @@ def test_train_with_two_ray_workers_matches_a_local_run(tiny_models, tiny_data, 
 
 @pytest.mark.slow
 def test_sweep_on_ray_retries_a_failed_trial(tiny_models, tiny_data, tmp_path, monkeypatch, small_ray):
-    import newstune.sweep as sweep_module
+    import newstune.training.sweep as sweep_module
 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1})))

@@ -1,8 +1,8 @@
-"""The README's LoRA target table is the code's table (src/newstune/model.py ARCH_MODULES)."""
+"""The README's LoRA target table is the code's table (src/newstune/modeling/model.py ARCH_MODULES)."""
 
 from pathlib import Path
 
-from newstune.model import ARCH_MODULES, SHORTHANDS
+from newstune.modeling.model import ARCH_MODULES, SHORTHANDS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROLES = ["q", "k", "v", "o", "ffn_in", "ffn_out"]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from newstune.config import load_config
-from newstune.train import cpu_has_native_bf16
+from newstune.training.train import cpu_has_native_bf16
 
 from .conftest import SHARED_DATA, needs_shared_data, tiny_config
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("recipe, floor, max_trainable", [("minilm_lora", 0.85, 23_000_000),
                                                           ("minilm_lora_cached", 0.83, 200_000)])
 def test_minilm_lora_on_2000_ag_news_rows(tmp_path, recipe, floor, max_trainable):
-    from newstune.train import train
+    from newstune.training.train import train
 
     config = load_config(ROOT / f"recipes/ag_news/{recipe}.yaml", [
         f"data.dir={SHARED_DATA / 'ag_news'}", "data.max_train_rows=2000", "data.max_eval_rows=1000",

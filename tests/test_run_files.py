@@ -8,7 +8,7 @@ import pytest
 
 from newstune.cli import main
 from newstune.config import validate
-from newstune.train import train
+from newstune.training.train import train
 
 from .conftest import tiny_config, write_csv
 

@@ -7,8 +7,9 @@ import yaml
 
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.seeds import SUMMARY_FILE, finish_seeds, spread, train_seeds
-from newstune.train import train
+from newstune.reporting.seed_table import spread
+from newstune.training.seeds import SUMMARY_FILE, finish_seeds, train_seeds
+from newstune.training.train import train
 
 from .conftest import tiny_config
 from .test_train import cli
@@ -80,7 +81,7 @@ def test_a_seed_run_stopped_mid_training_is_resumed_not_restarted(tiny_models, t
 
 
 def test_the_results_table_shows_each_group_as_mean_and_spread(tiny_models, tiny_data, tmp_path):
-    from newstune.seed_table import write_seed_table
+    from newstune.reporting.seed_table import write_seed_table
 
     group, _ = train_seeds(tiny_recipe(tiny_models, tiny_data), 2, tmp_path / "group")
     single, _ = train(tiny_recipe(tiny_models, tiny_data, **{"lora.r": 2}), tmp_path / "single")
@@ -109,7 +110,7 @@ def test_a_seed_folder_without_a_checkpoint_is_kept_aside_and_retrained(tiny_mod
 
 
 def test_resuming_a_plain_run_as_a_group_is_one_clear_error(tiny_models, tiny_data, tmp_path):
-    from newstune.seeds import train_or_resume
+    from newstune.training.seeds import train_or_resume
 
     (tmp_path / "run").mkdir()
     with pytest.raises(NewstuneError, match="not a seed group"):

@@ -9,11 +9,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from newstune import decisions
-from newstune.infer import predict_logits
-from newstune.predict import predict_file
-from newstune.run import load_run
-from newstune.serve import MAX_BODY_BYTES, MAX_CHARS, MAX_TEXTS, MicroBatcher, create_app, load_served
+from newstune.decisions import rule as decisions
+from newstune.inference.predict import predict_file
+from newstune.modeling.infer import predict_logits
+from newstune.rundir.run import load_run
+from newstune.serving.serve import MAX_BODY_BYTES, MAX_CHARS, MAX_TEXTS, MicroBatcher, create_app, load_served
 
 from .conftest import make_served
 from .test_use import runs  # noqa: F401 -- the module fixture with two trained tiny runs
@@ -219,7 +219,7 @@ def test_served_runs_keep_their_own_weights(tiny_models, tiny_data, tmp_path, ki
     labels, served together: each must answer as its own predict does, labels and probabilities. Fails when frozen
     tensors are shared by name (the second run then answers with the first one's encoder or biases)."""
     from newstune.config import validate
-    from newstune.train import train
+    from newstune.training.train import train
 
     from .conftest import synthetic_rows, tiny_config, write_csv
 

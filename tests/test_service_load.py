@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from newstune.serve import create_app
+from newstune.serving.serve import create_app
 
 from .conftest import make_served
 

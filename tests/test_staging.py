@@ -3,7 +3,7 @@
 import pytest
 
 from newstune.errors import NewstuneError
-from newstune.staging import staged_folder
+from newstune.rundir.staging import staged_folder
 
 
 def test_a_failed_block_leaves_nothing_and_a_finished_one_is_renamed(tmp_path):

@@ -10,15 +10,15 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from newstune.checkpoint import load_weights
 from newstune.config import validate
 from newstune.errors import NewstuneError
-from newstune.fast_dropout import FastDropout
-from newstune.frozen_prefix import encoder_model
-from newstune.infer import predict_logits
-from newstune.report import evaluate_run
-from newstune.run import load_run, write_run_header
-from newstune.train import CHECKPOINT, Trainer, resolve_precision, resume, train
+from newstune.modeling.fast_dropout import FastDropout
+from newstune.modeling.frozen_prefix import encoder_model
+from newstune.modeling.infer import predict_logits
+from newstune.reporting.report import evaluate_run
+from newstune.rundir.run import load_run, write_run_header
+from newstune.training.checkpoint import load_weights
+from newstune.training.train import CHECKPOINT, Trainer, resolve_precision, resume, train
 
 from .conftest import tiny_config
 
@@ -235,7 +235,7 @@ def test_binary_threshold_is_tuned_and_stored(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_follows_the_cpu(monkeypatch, native_bf16, expected):
-    monkeypatch.setattr("newstune.train.cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("newstune.training.train.cpu_has_native_bf16", lambda: native_bf16)
     assert resolve_precision("auto", "cpu") == expected
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(NewstuneError, match="fp16 needs a CUDA GPU"):
@@ -257,7 +257,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 def test_threshold_tuning_finds_the_separating_point():
-    from newstune.evaluate import classification_metrics, tune_threshold
+    from newstune.decisions.metrics import classification_metrics, tune_threshold
 
     probs_true = np.array([0.2, 0.3, 0.35, 0.4, 0.6, 0.7])
     labels = np.array([0, 0, 1, 1, 1, 1])
@@ -439,7 +439,7 @@ def test_epoch_time_survives_mid_epoch_checkpoints(tiny_models, tiny_data, tmp_p
 
 
 def test_frozen_prefix_states_follow_the_mask_also_when_left_padded():
-    from newstune.frozen_prefix import FrozenPrefix
+    from newstune.modeling.frozen_prefix import FrozenPrefix
 
     prefix = FrozenPrefix.__new__(FrozenPrefix)
     prefix.flat = torch.arange(5 * 2, dtype=torch.float32).view(5, 2)  # text 0: rows 0-1, text 1: rows 2-4
@@ -455,7 +455,7 @@ def test_frozen_prefix_states_follow_the_mask_also_when_left_padded():
 
 def _tamper(path: Path, edit) -> None:
     """Rewrite a checkpoint with edit(tensors, meta) applied (what a hand-edited run folder holds)."""
-    from newstune.checkpoint import save_weights
+    from newstune.training.checkpoint import save_weights
 
     tensors, meta = load_weights(path)
     edit(tensors, meta)
@@ -495,10 +495,10 @@ def test_a_checkpoint_with_a_huge_header_is_refused(tmp_path):
 
 
 def test_checkpoint_names_are_the_same_with_and_without_compile(tiny_models):
-    from newstune.train import trainable_state
+    from newstune.training.train import trainable_state
 
     config = validate(tiny_config(tiny_models["bert"], Path(".")))
-    from newstune.model import build_model
+    from newstune.modeling.model import build_model
 
     model = build_model(config.model, config.lora, ["a", "b", "c"]).model
     plain = trainable_state(model)

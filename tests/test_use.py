@@ -8,15 +8,15 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForSequenceClassification
 
-from newstune import decisions
 from newstune.config import validate
+from newstune.decisions import rule as decisions
 from newstune.errors import NewstuneError
-from newstune.export import export_merged
-from newstune.infer import predict_logits
-from newstune.predict import predict_file
-from newstune.run import load_run
-from newstune.serve import MAX_CHARS, MAX_TEXTS, create_app, load_served
-from newstune.train import train
+from newstune.inference.export import export_merged
+from newstune.inference.predict import predict_file
+from newstune.modeling.infer import predict_logits
+from newstune.rundir.run import load_run
+from newstune.serving.serve import MAX_CHARS, MAX_TEXTS, create_app, load_served
+from newstune.training.train import train
 
 from .conftest import synthetic_rows, tiny_config, write_csv
 
@@ -38,9 +38,9 @@ def runs(tiny_models, tiny_data, tmp_path_factory):
 
 
 def test_predict_file_streams_and_reports_bad_rows(runs, tmp_path, monkeypatch):
-    import newstune.predict
+    import newstune.inference.predict
 
-    monkeypatch.setattr(newstune.predict, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(newstune.inference.predict, "CHUNK_ROWS", 7)
     lines = [json.dumps({"text": text, "id": i}) for i, (text, _) in enumerate(synthetic_rows(20, 9))]
     lines.insert(3, "{not json")
     lines.insert(8, json.dumps({"text": "   "}))
@@ -104,9 +104,9 @@ def test_predict_into_a_missing_folder_is_refused_before_work(runs, tmp_path):
 
 
 def test_predict_failing_midway_leaves_no_partial_output(runs, tmp_path, monkeypatch):
-    import newstune.predict
+    import newstune.inference.predict
 
-    real = newstune.predict.probabilities
+    real = newstune.inference.predict.probabilities
     calls = []
 
     def fails_on_the_second_chunk(*args):
@@ -115,8 +115,8 @@ def test_predict_failing_midway_leaves_no_partial_output(runs, tmp_path, monkeyp
             raise RuntimeError("out of memory")
         return real(*args)
 
-    monkeypatch.setattr(newstune.predict, "CHUNK_ROWS", 4)
-    monkeypatch.setattr(newstune.predict, "probabilities", fails_on_the_second_chunk)
+    monkeypatch.setattr(newstune.inference.predict, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(newstune.inference.predict, "probabilities", fails_on_the_second_chunk)
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in synthetic_rows(10, 6)))
     (tmp_path / "out").mkdir()
@@ -139,10 +139,10 @@ def test_merged_export_loads_without_peft_and_agrees(runs, tmp_path):
 def test_export_cli_exits_2_with_one_line_when_a_check_fails(runs, tmp_path, monkeypatch, capsys):
     import sys
 
-    import newstune.export
+    import newstune.inference.export
     from newstune.cli import main
 
-    real = newstune.export.predict_logits
+    real = newstune.inference.export.predict_logits
     calls = []
 
     def merged_disagrees(*args, **kwargs):
@@ -150,7 +150,7 @@ def test_export_cli_exits_2_with_one_line_when_a_check_fails(runs, tmp_path, mon
         logits = real(*args, **kwargs)
         return torch.roll(logits, 1, dims=1) if len(calls) == 2 else logits  # the 2nd call scores the merged model
 
-    monkeypatch.setattr(newstune.export, "predict_logits", merged_disagrees)
+    monkeypatch.setattr(newstune.inference.export, "predict_logits", merged_disagrees)
     monkeypatch.setattr(sys, "argv", ["newstune", "export", str(runs["topics"]), "--merged", str(tmp_path / "m")])
     with pytest.raises(SystemExit) as exited:
         main()
@@ -229,7 +229,7 @@ def test_predict_builds_liar_text_as_training_did(runs, tmp_path):
     from dataclasses import replace
 
     from newstune.data.text import clean_text, textualize_liar
-    from newstune.predict import probabilities
+    from newstune.inference.predict import probabilities
 
     run = load_run(runs["binary"])
     data = run.config.data.model_copy(update={"name": "liar", "metadata_fields": ["speaker", "party"]})
@@ -259,9 +259,9 @@ def test_predict_labels_good_rows_and_gives_bad_ones_their_own_error(runs, tmp_p
     tokenizer, or if a cell of the CSV output starts with '=' (spreadsheet formula injection)."""
     import csv
 
-    import newstune.predict
+    import newstune.inference.predict
 
-    monkeypatch.setattr(newstune.predict, "MAX_ROW_CHARS", 500)
+    monkeypatch.setattr(newstune.inference.predict, "MAX_ROW_CHARS", 500)
     good = synthetic_rows(1, 4)[0][0]
     rows = [{"text": "=HYPERLINK(\"http://evil\")+goal match team"}, {"text": "goal \ud800 match"},
             {"text": "goal " * 200}, {"text": "\x07\x1b"}, {"text": good}]

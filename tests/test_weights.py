@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from newstune import weights
 from newstune.errors import NewstuneError
+from newstune.modeling import weights
 
 FILES = {"model.safetensors": b"the real weights", "config.json": b'{"model_type": "bert"}',
          "tokenizer.json": b"{}", "tokenizer_config.json": b"{}", "special_tokens_map.json": b"{}",

