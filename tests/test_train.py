@@ -52,6 +52,29 @@ def test_end_to_end_run_directory(tiny_models, tiny_data, tmp_path):
     assert [h["epoch"] for h in history if h["kind"] == "eval"] == [0, 1, 2, 3]
 
 
+def test_mlflow_local_store_receives_the_recipe_and_every_figure(tiny_models, tiny_data, tmp_path, monkeypatch):
+    """Fails if train.report_to: [mlflow] logs nothing, logs other values or steps than metrics.jsonl, or loses the
+    recipe's parameters; a missing tracker package is one line before any folder exists."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.epochs": 1, "train.report_to": ["mlflow"]})
+    assert not (run_dir / "tensorboard").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.run_name == run_dir.name and run.data.params["train.lr"] == "0.03"
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [(h["step"], h["loss"]) for h in history if h["kind"] == "train"]
+    logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert [s for s, _ in sorted(logged)] == [s for s, _ in train_losses]
+    assert [v for _, v in sorted(logged)] == pytest.approx([v for _, v in train_losses])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "validation/accuracy")] == pytest.approx(
+        [h["accuracy"] for h in history if h["kind"] == "eval"])
+    monkeypatch.setattr("newstune.training.trackers.PACKAGES", {"mlflow": "no_such_tracker_package"})
+    with pytest.raises(NewstuneError, match="report_to: mlflow is not installed"):
+        run_tiny(tiny_models, tiny_data, tmp_path, "missing", **{"train.report_to": ["mlflow"]})
+    assert not (tmp_path / "missing").exists()
+
+
 def test_same_seed_same_losses(tiny_models, tiny_data, tmp_path):
     _, first = run_tiny(tiny_models, tiny_data, tmp_path, "a", **{"train.epochs": 1})
     _, second = run_tiny(tiny_models, tiny_data, tmp_path, "b", **{"train.epochs": 1})

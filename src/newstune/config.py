@@ -168,6 +168,10 @@ class TrainSettings(_Section):
         "and train on their cached output; exact for a model whose lower layers have no dropout.")
     num_workers: int = Field(0, ge=0)
     log_every_steps: int = Field(20, ge=1)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers (Accelerate's) that receive every "
+        "logged figure and the recipe: tensorboard (run folder/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else a "
+        "local SQLite store mlflow.db beside the run folder; `newstune[track]`), wandb (where installed). [] for none.")
 
 
 class ExtraEvalSet(_Section):

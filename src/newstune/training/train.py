@@ -67,6 +67,7 @@ from newstune.training.checkpoint import (
 )
 from newstune.training.distill import UNLABELLED, Teacher, distillation_loss, prepare_teacher
 from newstune.training.steps import TrainedModel
+from newstune.training.trackers import check_trackers, flat_config, make_trackers, tracked_values
 
 log = logging.getLogger("newstune")
 LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
@@ -209,7 +210,6 @@ class Trainer:
         self.prefix: FrozenPrefix | None = None  # train.cache_frozen_layers
         self.prefix_seconds = 0.0
         self.setup_seconds = 0.0  # wall time of setup() outside the loop's clock (which holds the prefix cache)
-        self.writer = None  # TensorBoard, open while fit() runs
         # called after every validation evaluation with (epochs trained, selection score); a search's pruner
         # reads it and may raise to stop the trial
         self.on_evaluate: Callable[[float, float], None] | None = None
@@ -219,6 +219,7 @@ class Trainer:
     def setup(self, bundle: DatasetBundle | None = None) -> None:
         start = time.perf_counter()
         cfg = self.config.train
+        check_trackers(cfg.report_to)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = resolve_precision(cfg.precision, device)
         # One process may train several runs (compare, sweep, tests) with different precisions.
@@ -447,20 +448,15 @@ class Trainer:
         self.state.history.append(record)
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            prefix = {"train": "train", "eval": "validation"}.get(record["kind"], record["kind"])
-            for key, value in record.items():
-                if isinstance(value, float):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self.accelerator.trackers:
+            self.accelerator.log(tracked_values(record), step=record["step"])
 
     def fit(self, stop_after_steps: int | None = None) -> bool:
         """Train to the end (True) or until stop_after_steps, leaving a resumable checkpoint (False)."""
         cfg = self.config.train
-        self.writer = None
-        if self.accelerator.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.accelerator.is_main_process and cfg.report_to:
+            self.accelerator.log_with = make_trackers(self.config, self.run_dir)
+            self.accelerator.init_trackers(self.config.name, config=flat_config(self.config))
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         n_epochs = math.ceil(cfg.epochs)
@@ -484,13 +480,14 @@ class Trainer:
 
     @contextmanager
     def _closing(self, bar: tqdm) -> Iterator[None]:
-        """The progress bar and TensorBoard writer close however fit ends (a search's pruner raises inside it)."""
+        """The progress bar and the trackers close however fit ends (a search's pruner raises inside it)."""
         try:
             yield
         finally:
             bar.close()
-            if self.writer is not None:
-                self.writer.close()
+            for tracker in self.accelerator.trackers:  # not end_training(): it would also end the process group
+                tracker.finish()
+            self.accelerator.trackers = []
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
