@@ -22,8 +22,6 @@ from newstune.tables import markdown_table
 
 HEADER = ["run", "dataset", "model", "method", "seeds", "test accuracy", "test macro-F1", "validation macro-F1",
           "train minutes", "trainable params", "precision", "leaky"]
-
-
 SPLIT_FIGURES = ("accuracy", "macro_f1", "micro_f1", "loss")
 BASELINE_FIGURES = ("accuracy", "macro_f1", "micro_f1")
 EFFICIENCY_FIGURES = ("train_seconds", "epoch_seconds_mean", "train_samples_per_s", "train_tokens_per_s",

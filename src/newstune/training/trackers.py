@@ -10,10 +10,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-import yaml
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
-from newstune.config import RunConfig, dump_config
+from newstune.config import RunConfig
 from newstune.errors import NewstuneError
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -63,7 +62,7 @@ def flat_config(config: RunConfig) -> dict[str, str | int | float | bool]:
         else:
             flat[prefix] = value if isinstance(value, str | int | float | bool) else str(value)
 
-    walk("", yaml.safe_load(dump_config(config)))
+    walk("", config.model_dump(mode="json"))  # what config.yaml holds
     return flat
 
 

@@ -31,9 +31,7 @@ from newstune.config import RunConfig
 from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
 from newstune.data.registry import DatasetBundle, load_dataset
 from newstune.data.splits import class_weights, positive_weights
-from newstune.decisions.metrics import (
-    classification_metrics,
-)
+from newstune.decisions.metrics import classification_metrics
 from newstune.decisions.rule import Decision
 from newstune.errors import Interrupted, NewstuneError
 from newstune.modeling.fast_dropout import use_fast_dropout
