@@ -25,6 +25,7 @@ from newstune.config import DataConfig
 from newstune.data.registry import LIAR_BINARY, find_file, liar_rows, read_liar
 from newstune.data.speaker_record import record_numbers, with_speaker_records
 from newstune.decisions.metrics import tune_threshold
+from newstune.tables import markdown_table
 
 MODES = ("off", "train_record", "exclude_self", "raw")
 C_GRID = (0.25, 1.0, 4.0)
@@ -76,12 +77,13 @@ def main() -> None:
             row["tfidf_text_plus_record"] = test_f1(model, threshold, both["test"], labels["test"])
         results.append(row)
         print(json.dumps(row))
-    print("| credit_history | TF-IDF on the text | record only | TF-IDF + record numbers |\n|---|---|---|---|")
+    table = []
     for row in results:
         cells = [f"{row[k]:.4f}" if row[k] is not None else "-" for k in
                  ("tfidf_text", "record_only", "tfidf_text_plus_record")]
         leaky = " (leaky)" if row["mode"] in ("raw", "exclude_self") else ""
-        print(f"| {row['mode']}{leaky} | " + " | ".join(cells) + " |")
+        table.append([f"{row['mode']}{leaky}", *cells])
+    print(markdown_table(["credit_history", "TF-IDF on the text", "record only", "TF-IDF + record numbers"], table))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=1))

@@ -28,6 +28,7 @@ from newstune.modeling.infer import predict_logits
 from newstune.paths import cache_dir
 from newstune.reporting.seed_table import group_runs, mean_spread, spread
 from newstune.rundir.run import is_seed_group, load_run, read_metrics
+from newstune.tables import markdown_table
 
 SPLITS = (("train", "train.tsv"), ("validation", "valid.tsv"), ("test", "test.tsv"))
 
@@ -78,16 +79,16 @@ def main() -> None:
     record = {split: record_numbers(rows) for split, rows in with_speaker_records(raw, "train_record").items()}
     file_labels = {split: np.array([LIAR_BINARY[row["label"]] == "true" for row in rows], dtype=int)
                    for split, rows in raw.items()}
-    results = []
-    print("| runs | seeds | encoder (its own rule) | logistic layer on the margin | + record numbers |")
-    print("|---|---|---|---|---|")
+    results, table = [], []
     for path in args.runs:
         rows = [score_run(run_dir, args.data_dir, record, file_labels)
                 for run_dir in (group_runs(path) if is_seed_group(path) else [path])]
         results += rows
         cells = [mean_spread(spread([row[key] for row in rows])) for key in
                  ("encoder", "margin_layer", "margin_plus_record")]
-        print(f"| {path.name} | {len(rows)} | " + " | ".join(cells) + " |")
+        table.append([path.name, str(len(rows)), *cells])
+    print(markdown_table(["runs", "seeds", "encoder (its own rule)", "logistic layer on the margin",
+                          "+ record numbers"], table))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=1))

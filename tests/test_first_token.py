@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    CamembertConfig,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    ElectraConfig,
+    XLMRobertaConfig,
+)
 
 from newstune.config import validate
 from newstune.modeling.fast_dropout import FastDropout
@@ -35,6 +42,25 @@ def test_first_token_layer_gives_the_full_layers_logits(tiny_models, arch, atten
         first_only = model(**batch).logits
         # padding masked per row, the position bias (MPNet) for the first query: the same logits
         np.testing.assert_allclose(first_only.numpy(), full.numpy(), atol=1e-6)
+        assert model.base_model(**batch).last_hidden_state.shape[1] == 1
+
+
+SMALL = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=66, pad_token_id=0, num_labels=3)
+
+
+@pytest.mark.parametrize("config", [ElectraConfig(**SMALL, embedding_size=16), XLMRobertaConfig(**SMALL),
+                                    CamembertConfig(**SMALL)], ids=["electra", "xlm-roberta", "camembert"])
+def test_the_other_listed_heads_give_the_full_layers_logits(config):
+    # Listed in HEADS_READING_TOKEN_0 from their transformers source: fails if one of them stops reading token 0
+    # only (the patch would then change its logits) or if its layer is not the BERT layer the patch copies.
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    batch = padded_batch()
+    with torch.no_grad():
+        full = model(**batch).logits
+        assert run_last_layer_on_first_token(model)
+        np.testing.assert_allclose(model(**batch).logits.numpy(), full.numpy(), atol=1e-6)
         assert model.base_model(**batch).last_hidden_state.shape[1] == 1
 
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     accuracy_score,
     brier_score_loss,
@@ -82,16 +83,21 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, label_names: list[
     }
 
 
+def reliability_bins(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> list[tuple]:
+    """(mean confidence, mean outcome, count) of every non-empty equal-width bin, from scikit-learn's
+    calibration_curve; the counts use its own bin rule (searchsorted on the inner edges), so they line up."""
+    if len(confidence) == 0:
+        return []
+    observed, predicted = calibration_curve(outcome, confidence, n_bins=bins, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence), minlength=bins)
+    return list(zip(predicted.tolist(), observed.tolist(), counts[counts > 0].tolist(), strict=True))
+
+
 def expected_calibration_error(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
     """Sum over equal-width confidence bins of |mean outcome - mean confidence|, weighted by the bin's share."""
-    if len(confidence) == 0:
-        return 0.0
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in np.unique(which):
-        inside = which == b
-        total += inside.mean() * abs(outcome[inside].mean() - confidence[inside].mean())
-    return float(total)
+    points = reliability_bins(confidence, outcome, bins)
+    gaps = sum(count * abs(observed - predicted) for predicted, observed, count in points)
+    return float(gaps / max(len(confidence), 1))
 
 
 def confidence_outcome(labels: np.ndarray, probs: np.ndarray, decision: Decision) -> tuple[np.ndarray, np.ndarray]:
@@ -155,13 +161,6 @@ def plot_confusion(matrix: list[list[int]], label_names: list[str], path: Path, 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def reliability_bins(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> list[tuple]:
-    """(mean confidence, mean outcome, count) of every non-empty equal-width bin."""
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return [(confidence[which == b].mean(), outcome[which == b].mean(), int((which == b).sum()))
-            for b in np.unique(which)]
 
 
 def plot_reliability(labels: np.ndarray, logits: np.ndarray, decision: Decision, path: Path, title: str) -> None:
