@@ -49,6 +49,25 @@ def cpu_line() -> str:
     return f"cpu: {model}, {os.cpu_count()} cores, flags: {' '.join(f for f in CPU_FLAGS if f in flags) or 'none'}"
 
 
+def onednn_isa(dtype: torch.dtype) -> str:
+    """What oneDNN dispatched for one `dtype` linear layer on this CPU: its ISA line and the matmul kernel name, from
+    ONEDNN_VERBOSE in a child process (the variable is read once per process). "not used" when torch ran the
+    GEMM elsewhere (fp32 matmuls go to MKL/OpenBLAS)."""
+    import subprocess
+    import sys
+
+    code = (f"import torch; x = torch.randn(64, 256, dtype=torch.{str(dtype).split('.')[-1]}); "
+            "torch.nn.functional.linear(x, torch.randn(256, 256, dtype=x.dtype))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1", "DNNL_VERBOSE": "1"}).stdout
+    isa = next((line.split("isa:", 1)[1].strip() for line in out.splitlines() if "isa:" in line), None)
+    kernels = sorted({field for line in out.splitlines() if ",exec," in line and "matmul" in line
+                      for field in line.split(",") if ":" in field and any(k in field for k in ("brg", "gemm", "jit"))})
+    if isa is None and not kernels:
+        return "not used"
+    return f"{isa or '?'}; matmul kernel: {', '.join(kernels) or '?'}"
+
+
 def write_results(out_dir: Path, name: str, payload: dict, table: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))

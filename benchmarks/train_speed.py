@@ -4,11 +4,13 @@
     python benchmarks/train_speed.py --mode full      # MPNet-base, 1,000 rows (newstune models install mpnet)
     python benchmarks/train_speed.py --ablation       # hf-expert, newstune, and newstune with one change off per row
 
-Contenders: hf-seed (the Trainer as a notebook uses it: pad to max_length, random batches), hf-expert (dynamic
-padding, group_by_length), newstune (identical work), and newstune-cached (LoRA only in the top layers with the
-frozen lower layers cached: different work, reported beside the others). Each trains in its own subprocess (so peak
-RSS is its own, and newstune's tokenization cache starts empty), in rounds A B C D / D C B A; round i seeds every
-contender with 42 + i *before* its model is created (HF's LoRA and head initialisation included).
+Contenders: hf-seed (the Trainer as a notebook uses it: pad to max_length, random batches), hf-expert (the flags an
+expert sets on a CPU: bf16 where native, SDPA attention, dynamic padding, group_by_length, fused AdamW), newstune
+(the same model and result; its last layer computes token 0 only, so fewer FLOPs), and newstune-cached (LoRA only in
+the top layers with the frozen lower layers cached: different work, reported beside the others). Each trains in its
+own subprocess (so peak RSS is its own, and newstune's tokenization cache starts empty), in rounds A B C D / D C B
+A; round i seeds every contender with 42 + i *before* its model is created (HF's LoRA and head initialisation
+included).
 
 The same timing boundary for every contender: wall time from raw texts to a trained model in memory -- tokenizer and
 model loading, tokenization, LoRA wrapping, trainer/optimizer setup, the training loop and one checkpoint per epoch
@@ -16,7 +18,11 @@ included; evaluation excluded (timed apart). The same precision for every conten
 (`precision: auto` -- bf16 on CPUs with avx512_bf16/AMX, fp32 otherwise), printed with the CPU.
 With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
 optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights, the last layer run
-for token 0 only): what each change contributes is newstune's tokens/s over that row's.
+for token 0 only, fused AdamW): what each change contributes is newstune's tokens/s over that row's.
+Every contender runs with the same torch thread count (newstune's default: one per physical core), recorded per row;
+padding is measured the same way for all: the tensor widths of the batches each one actually trains on. The table
+labels each row "same FLOPs", "same result, fewer FLOPs" (the first-token last layer) or different work; the
+CPU flags (AMX included) and the ISA and kernel oneDNN dispatched for the run's precision are printed.
 Reports median wall time, non-padding tokens/s, samples/s, peak RSS, accuracy/macro-F1 as mean and standard deviation
 over the seeds, eval samples/s, and MFU = analytic FLOPs / the matmul peak measured in the same run and precision.
 """
@@ -34,10 +40,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import SHARED_DATA, cpu_line, empty_token_cache, machine, markdown_table, write_results  # noqa: E402
+from common import (  # noqa: E402
+    SHARED_DATA,
+    cpu_line,
+    empty_token_cache,
+    machine,
+    markdown_table,
+    onednn_isa,
+    write_results,
+)
 
 from newstune.training.profile import analytic_train_flops, matmul_peak_tflops  # noqa: E402
-from newstune.training.train import peak_rss_mb, resolve_precision  # noqa: E402
+from newstune.training.train import peak_rss_mb, physical_cores, resolve_precision  # noqa: E402
 
 MODES = {"quick": {"model": "minilm", "rows": 2000, "eval_rows": 1000, "top_layers": 2},
          "full": {"model": "mpnet", "rows": 1000, "eval_rows": 500, "top_layers": 4}}
@@ -47,7 +61,8 @@ CONTENDERS = ["hf-seed", "hf-expert", "newstune", "newstune-cached"]
 ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
              "newstune-no-fast-dropout": {"fast_dropout": False},
              "newstune-no-bf16-weights": {"bf16_frozen_weights": False},
-             "newstune-no-first-token": {"first_token_last_layer": False}}
+             "newstune-no-first-token": {"first_token_last_layer": False},
+             "newstune-no-fused-adamw": {"fused_adamw": False}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 
@@ -84,7 +99,8 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
     start = time.perf_counter()
     set_seed(seed)  # before the head and the LoRA matrices are created, as newstune does
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names))
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names),
+                                                               attn_implementation="sdpa")
     targets = target_modules(model, LoraSettings(target_modules="qv"))
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=LORA["r"], lora_alpha=LORA["alpha"],
                                              lora_dropout=LORA["dropout"], target_modules=targets))
@@ -101,7 +117,7 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
         output_dir=str(out / "hf"), per_device_train_batch_size=HYPER["batch_size"], per_device_eval_batch_size=64,
         learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], lr_scheduler_type="cosine",
         num_train_epochs=HYPER["epochs"], bf16=precision == "bf16", use_cpu=True, save_strategy="epoch",
-        save_only_model=True, report_to=[],
+        save_only_model=True, report_to=[], optim="adamw_torch_fused" if expert else "adamw_torch",
         logging_steps=50, seed=seed, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if expert else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test,
@@ -117,7 +133,9 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
     gold = np.asarray(prediction.label_ids)
     predicted = np.bincount(preds, minlength=len(bundle.label_names)).tolist()
     real_tokens = sum(sum(mask) for mask in train["attention_mask"])
-    computed = sum(len(ids) for ids in train["input_ids"])
+    # the widths of the batches the Trainer forms (its sampler and collator, outside the clock): the padding it
+    # computes, measured as newstune's is
+    computed = sum(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
     del torch
     return {"train_seconds": seconds, "tokens": int(real_tokens), "computed_tokens": int(computed),
             "samples": len(train), "accuracy": float(accuracy_score(gold, preds)),
@@ -170,6 +188,7 @@ def contender_main(args: argparse.Namespace) -> None:
     mode = MODES[args.mode]
     bundle = load_rows(args.rows or mode["rows"], mode["eval_rows"])
     precision = resolve_precision("auto", "cpu")
+    torch.set_num_threads(physical_cores())  # newstune's default, set for every contender (train() sets it again)
     with tempfile.TemporaryDirectory() as tmp:
         empty_token_cache(Path(tmp) / "cache")
         if args.contender.startswith("newstune"):
@@ -180,6 +199,7 @@ def contender_main(args: argparse.Namespace) -> None:
             result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp),
                             args.seed, precision)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["threads"] = torch.get_num_threads()
     result["seed"] = args.seed
     result["precision"] = precision
     Path(args.result).write_text(json.dumps(result))
@@ -209,6 +229,7 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
             "predicted_counts": [r["predicted_counts"] for r in runs],
             "eval_samples_per_s": statistics.median(r["eval_samples_per_s"] for r in runs),
             "mfu": flops / seconds / (peak_tflops * 1e12), "repeats": len(runs),
+            "threads": "/".join(str(t) for t in sorted({r["threads"] for r in runs})),
             "all_train_seconds": [r["train_seconds"] for r in runs]}
 
 
@@ -236,11 +257,16 @@ def headline_ratios(by_name: dict[str, dict]) -> dict[str, float]:
 
 
 def work_label(contender: str) -> str:
+    """Same FLOPs as hf-expert, the same result with fewer FLOPs (the first-token last layer), or other work."""
     if contender == "newstune-cached":
         return "different: lower layers cached"
+    if contender == "hf-seed":
+        return "same model, padded to max_length"
+    first_token = contender.startswith("newstune") and contender != "newstune-no-first-token"
+    label = "same result, fewer FLOPs" if first_token else "same FLOPs"
     if contender in ABLATIONS:
-        return "identical; ablation: " + ", ".join(f"{k}={v}" for k, v in ABLATIONS[contender].items())
-    return "identical"
+        label += "; ablation: " + ", ".join(f"{k}={v}" for k, v in ABLATIONS[contender].items())
+    return label
 
 
 def driver_main(args: argparse.Namespace) -> None:
@@ -272,10 +298,12 @@ def driver_main(args: argparse.Namespace) -> None:
                                   ("padding_fraction", "padding"), ("peak_rss_mb", "peak RSS MB"),
                                   ("accuracy", "accuracy (mean)"), ("accuracy_std", "accuracy (std)"),
                                   ("macro_f1", "macro-F1 (mean)"), ("macro_f1_std", "macro-F1 (std)"),
-                                  ("eval_samples_per_s", "eval samples/s"), ("mfu", f"MFU ({precision})")])
+                                  ("eval_samples_per_s", "eval samples/s"), ("mfu", f"MFU ({precision})"),
+                                  ("threads", "threads")])
     table += "\n\n" + " | ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
-    table += f"\n\n{cpu_line()}; every contender in {precision}; {precision} matmul peak measured in this run: " \
-             f"{peak:.2f} TFLOP/s; {args.repeats} seeds"
+    isa = onednn_isa(peak_dtype)
+    table += f"\n\n{cpu_line()}; oneDNN ({precision}): {isa}; every contender in {precision}; {precision} matmul " \
+             f"peak measured in this run: {peak:.2f} TFLOP/s; {args.repeats} seeds"
     spread = max(ours["accuracy_std"], expert["accuracy_std"])
     table += (f"\n\naccuracy newstune {ours['accuracy']:.4f} vs hf-expert {expert['accuracy']:.4f}: "
               f"{'equal' if abs(ours['accuracy'] - expert['accuracy']) <= spread else 'NOT equal'} within one "
@@ -285,9 +313,13 @@ def driver_main(args: argparse.Namespace) -> None:
     name = f"train_speed_{args.mode}" + ("_ablation" if args.ablation else "")
     write_results(Path(args.out), name, {"machine": machine(), "mode": args.mode,
                   "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
-                  "order": order, "precision": precision, "cpu": cpu_line()}, table)
+                  "order": order, "precision": precision, "cpu": cpu_line(), "onednn": isa}, table)
     print(cpu_line())
+    print(f"onednn: {isa}")
     print(f"precision: {precision}")
+    print(f"matmul_peak_tflops: {peak:.2f}")
+    print(f"mfu_newstune: {ours['mfu']:.0%}")
+    print(f"mfu_hf_expert: {expert['mfu']:.0%}")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
 

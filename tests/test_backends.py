@@ -57,6 +57,7 @@ def test_each_backend_export_matches_pytorch_on_validation(fresh_run, backend, i
     assert checks["passed"] and quality["n"] == 60
     loaded = load_run(fresh_run, backend=backend)
     assert loaded.scorer.backend == backend
+    assert loaded.model is None  # fails if the PyTorch model is loaded beside the export that computes the logits
     if int8 or loaded.scorer.precision == "bf16":  # fewer bits move logits a little, labels hardly ever
         assert quality["label_agreement"] >= 0.95 and quality["max_abs_logit_diff"] < 0.5
     else:  # the same fp32 graph: equal logits up to kernel rounding
@@ -84,6 +85,15 @@ def test_the_gate_refuses_an_int8_model_that_loses_accuracy(fresh_run, monkeypat
     assert not checks["passed"] and checks["forced"]
     assert load_run(fresh_run, backend="auto").backend.startswith("torch")  # a forced export is never picked
     with pytest.raises(NewstuneError, match="no onnx export that passed its accuracy check"):
+        load_run(fresh_run, backend="onnx")
+
+
+def test_an_export_whose_width_disagrees_with_the_labels_is_refused(fresh_run):
+    # fails if, without the PyTorch model, nothing checks the label file against what the export computes
+    export_backend(fresh_run, "onnx")
+    labels = json.loads((fresh_run / "label_map.json").read_text())
+    (fresh_run / "label_map.json").write_text(json.dumps([*labels, "extra"]))
+    with pytest.raises(NewstuneError, match=r"label_map.json: names 4 labels but the onnx export has 3 outputs"):
         load_run(fresh_run, backend="onnx")
 
 

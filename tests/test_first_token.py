@@ -14,7 +14,8 @@ from newstune.config import validate
 from newstune.modeling.fast_dropout import FastDropout
 from newstune.modeling.first_token import restore_full_last_layer, run_last_layer_on_first_token
 from newstune.modeling.frozen_prefix import encoder_model
-from newstune.rundir.run import write_run_header
+from newstune.reporting.report import evaluate_run
+from newstune.rundir.run import load_run, write_run_header
 from newstune.training.train import Trainer, finish_run
 
 from .conftest import tiny_config
@@ -101,7 +102,7 @@ def test_first_token_layer_follows_the_full_loss_curve(tiny_models, tiny_data, t
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4, atol=1e-5)
 
 
-def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_models, tiny_data, tmp_path):
+def test_applied_before_compile_and_kept_for_the_final_evaluation(tiny_models, tiny_data, tmp_path):
     compiled = Trainer(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.compile": True})), None)
     compiled.setup()  # torch.compile wraps lazily: nothing is compiled until a forward
     assert compiled.first_token_only
@@ -113,8 +114,17 @@ def test_applied_before_compile_and_undone_before_the_final_evaluation(tiny_mode
     assert "forward" in vars(last_layer)
     trainer.fit()
     metrics = finish_run(trainer)
-    # the saved model, predict and serve run the full layer: latency and eval speed are measured on that
-    assert "forward" not in vars(last_layer) and metrics["efficiency"]["first_token_last_layer"]
+    # predict and serve run the first-token layer (load_run): latency and the final scores are measured on that
+    assert "forward" in vars(last_layer) and metrics["efficiency"]["first_token_last_layer"]
+    # fails if load_run leaves inference on the full layer, or if exports (as_trained=False) would trace the copy
+    loaded = load_run(trainer.run_dir)
+    assert "forward" in vars(encoder_model(loaded.model).encoder.layer[-1])
+    plain = load_run(trainer.run_dir, as_trained=False)
+    assert "forward" not in vars(encoder_model(plain.model).encoder.layer[-1])
+    ids = loaded.tokenizer(["goal match team today", "stock market profit on the week"])["input_ids"]
+    np.testing.assert_allclose(loaded.scorer.logits(ids, 8), plain.scorer.logits(ids, 8), atol=1e-5)
+    evaluated, _ = evaluate_run(trainer.run_dir, "test", [])
+    assert evaluated["test"]["accuracy"] == metrics["test"]["accuracy"]
 
 
 def test_a_layer_copy_that_disagrees_switches_itself_off(tiny_models, monkeypatch, caplog):

@@ -84,9 +84,11 @@ def test_same_seed_same_losses(tiny_models, tiny_data, tmp_path):
 @pytest.mark.parametrize("arch", ["roberta", "mpnet"])
 def test_other_architectures_train(tiny_models, tiny_data, tmp_path, arch):
     # Fails when an architecture's LoRA targets or head do not train (chance is 0.33 on three balanced topics).
-    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, arch=arch)
+    # 8 epochs: the random tiny RoBERTa learns slowly, and 4 left it at 0.43-0.65 depending on dropout draws;
+    # with 8 both reach 0.95-1.0 whatever the padding width (measured 2026-12-06).
+    _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, arch=arch, **{"train.epochs": 8})
     assert metrics["test"]["n"] == 60
-    assert metrics["test"]["accuracy"] > 0.6
+    assert metrics["test"]["accuracy"] > 0.8
 
 
 def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
@@ -148,10 +150,12 @@ def metrics_history(run_dir: Path) -> list[dict]:
 
 
 # Training losses of the tiny BERT task (seed 7, fp32, full fine-tune at lr 3e-3), logged every 10 steps over three
-# epochs. The model learns the task (loss 1.10 -> 0.29, validation accuracy 1.0), so the pin holds learning and not
+# epochs. The model learns the task (loss 1.10 -> 0.32, validation accuracy 1.0), so the pin holds learning and not
 # only numerics: a refactor that changes batch order, init, loss, optimizer or scheduler cannot pass silently, and
 # one that stops the weights from moving (a detached loss, a zero lr) fails the curve as well as the values.
-PINNED_LOSSES = [1.1004, 1.1087, 1.0770, 0.8440, 0.6087, 0.5295, 0.3710, 0.3274, 0.2908]
+# Re-pinned when CPU batches stopped being padded to a multiple of 8 (dropout masks have another shape) and AdamW
+# became fused.
+PINNED_LOSSES = [1.1006, 1.1074, 1.0865, 0.8924, 0.6166, 0.4963, 0.3839, 0.3584, 0.3208]
 LEARNING = {"train.epochs": 3, "train.log_every_steps": 10, "lora.method": "full", "train.lr": 3e-3}
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.utils.benchmark as benchmark
 from tqdm.auto import tqdm
 
-from newstune.data.batching import Collator, sorted_batches
+from newstune.data.batching import Collator, pad_multiple, sorted_batches
 
 
 def autocast_for(precision: str, device: str) -> torch.autocast:
@@ -20,7 +20,7 @@ def autocast_for(precision: str, device: str) -> torch.autocast:
 def inference_batches(input_ids: list[list[int]], pad_token_id: int, batch_size: int, device: str,
                       desc: str = "predict", progress: bool = False) -> Iterator[tuple[list[int], dict]]:
     """Longest-first, dynamically padded batches already on `device`, each with the indices of its texts."""
-    collate = Collator(pad_token_id)
+    collate = Collator(pad_token_id, pad_multiple(device))
     batches = sorted_batches([len(ids) for ids in input_ids], batch_size)
     for indices in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         batch = collate([{"input_ids": input_ids[i]} for i in indices])

@@ -16,6 +16,7 @@ from newstune.decisions.ensemble import Ensemble, load_ensemble
 from newstune.decisions.rule import Decision
 from newstune.errors import NewstuneError
 from newstune.modeling.backends import Scorer, choose_export, export_scorer, torch_scorer
+from newstune.modeling.first_token import run_last_layer_on_first_token
 from newstune.modeling.model import hold_frozen_in, load_saved_model, load_tokenizer
 from newstune.rundir.files import check_export, check_labels, check_metrics
 
@@ -178,7 +179,7 @@ class LoadedRun:
     run_dir: Path
     config: RunConfig
     label_names: list[str]
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when an export computes the logits
     tokenizer: object
     threshold: float | None
     precision: str
@@ -210,9 +211,11 @@ def one_line(err: BaseException) -> str:
 
 
 def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backend: str = "torch") -> LoadedRun:
-    """The run's best model; as_trained keeps the dtype layout it was evaluated in (else plain fp32).
+    """The run's best model; as_trained keeps the dtype layout it was evaluated in and, where the run trained with
+    train.first_token_last_layer, computes its last layer for token 0 only (else the plain fp32 model).
 
     `backend` (auto, torch, onnx, openvino) picks what computes its logits: a passed export of the run, or PyTorch.
+    When an export computes them, the PyTorch model is not loaded at all (`model` is None): less memory and start-up.
     """
     run_dir = require_run(run_dir)
     config = read_config(run_dir)
@@ -222,7 +225,31 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     labels = read_labels(run_dir)
     metrics = read_metrics(run_dir)
     precision = metrics.get("efficiency", {}).get("precision", "fp32")
+    if not as_trained:
+        precision = "fp32"
     decision = read_decision(run_dir, metrics)
+    tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))
+    chosen = choose_export(read_exports(run_dir), backend) if device == "cpu" else None
+    model, scorer = None, None
+    if chosen is None:
+        model = _torch_model(run_dir, config, labels, decision, device, as_trained,
+                             metrics.get("efficiency", {}).get("frozen_weights_dtype"))
+        scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
+    else:
+        scorer = _export_scorer(run_dir, chosen, tokenizer, len(labels))
+    ensemble = load_ensemble(run_dir, decision.ensemble, len(labels)) if decision.ensemble is not None else None
+    run = LoadedRun(run_dir, config, labels, model, tokenizer, decision.threshold, precision, decision=decision,
+                    ensemble=ensemble, scorer=scorer)
+    if chosen is not None:
+        run.backend_reason = (f"{chosen['speed']['speedup']:.2f}x PyTorch on validation, macro-F1 "
+                              f"{chosen['validation']['macro_f1_delta_points']:+.2f} points")
+    elif backend == "auto":
+        run.backend_reason = "no passed export is faster than PyTorch (newstune export RUN --backend ...)"
+    return run
+
+
+def _torch_model(run_dir: Path, config: RunConfig, labels: list[str], decision: Decision, device: str,
+                 as_trained: bool, frozen_dtype: str | None) -> torch.nn.Module:
     try:
         model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation,
                                  decision.multi_label)
@@ -233,27 +260,26 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     if model.config.num_labels != len(labels):
         raise NewstuneError(f"{run_dir / LABELS_FILE}: names {len(labels)} labels but the saved model has "
                             f"{model.config.num_labels} outputs; the file was changed: restore it from its author")
-    if not as_trained:
-        precision = "fp32"
-    elif metrics.get("efficiency", {}).get("frozen_weights_dtype") == "bf16":
+    if as_trained and frozen_dtype == "bf16":
         hold_frozen_in(model, torch.bfloat16)
     model.to(device).eval()
-    tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))
-    ensemble = load_ensemble(run_dir, decision.ensemble, len(labels)) if decision.ensemble is not None else None
-    run = LoadedRun(run_dir, config, labels, model, tokenizer, decision.threshold, precision, decision=decision,
-                    ensemble=ensemble)
-    run.scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
-    chosen = choose_export(read_exports(run_dir), backend) if device == "cpu" else None
-    if chosen is not None:
-        try:
-            run.scorer = export_scorer(Path(chosen["folder"]), chosen["backend"], chosen["precision"],
-                                       tokenizer.pad_token_id)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise NewstuneError(f"{chosen['folder']}: the {chosen['backend']} export cannot be loaded "
-                                f"({one_line(err)}); delete the folder and export again, or pass --backend torch") \
-                from None
-        run.backend_reason = (f"{chosen['speed']['speedup']:.2f}x PyTorch on validation, macro-F1 "
-                              f"{chosen['validation']['macro_f1_delta_points']:+.2f} points")
-    elif backend == "auto":
-        run.backend_reason = "no passed export is faster than PyTorch (newstune export RUN --backend ...)"
-    return run
+    if as_trained and config.train.first_token_last_layer:
+        # inference reads token 0 of the last layer too: the same logits (checked on a batch first) for less work;
+        # as_trained=False is the plain model that exports trace, left whole
+        run_last_layer_on_first_token(model)
+    return model
+
+
+def _export_scorer(run_dir: Path, chosen: dict, tokenizer, n_labels: int) -> Scorer:
+    """The export's scorer, its output width checked against the run's labels on one short text."""
+    try:
+        scorer = export_scorer(Path(chosen["folder"]), chosen["backend"], chosen["precision"], tokenizer.pad_token_id)
+        width = scorer.logits(tokenizer(["check"])["input_ids"], 1).shape[1]
+    except (OSError, RuntimeError, ValueError) as err:
+        raise NewstuneError(f"{chosen['folder']}: the {chosen['backend']} export cannot be loaded "
+                            f"({one_line(err)}); delete the folder and export again, or pass --backend torch") \
+            from None
+    if width != n_labels:
+        raise NewstuneError(f"{run_dir / LABELS_FILE}: names {n_labels} labels but the {chosen['backend']} export "
+                            f"has {width} outputs; the file was changed: restore it from its author")
+    return scorer

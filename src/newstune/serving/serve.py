@@ -108,10 +108,10 @@ def load_served(specs: list[str], backend: str = "torch") -> dict[str, ServedMod
     for spec in specs:
         name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
         run = load_run(Path(path), backend=backend)
-        run.model.requires_grad_(False)
-        frozen = read_metrics(run.run_dir).get("efficiency", {}).get("frozen_weights_dtype", "fp32")
-        pool = pools.setdefault((run.config.model.name, frozen), {})
-        share_base_weights(run.model, pool)
+        if run.model is not None:  # an export serves without a PyTorch model
+            run.model.requires_grad_(False)
+            frozen = read_metrics(run.run_dir).get("efficiency", {}).get("frozen_weights_dtype", "fp32")
+            share_base_weights(run.model, pools.setdefault((run.config.model.name, frozen), {}))
         served[name] = ServedModel(name, run.run_dir, run.scorer, run.tokenizer, run.label_names, run.threshold,
                                    run.config.data.max_length, run.config.model.name,
                                    run.config.data.clean, run.decision, run.config.data, run.ensemble)

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from newstune.config import RunConfig
-from newstune.data.batching import Collator, EncodedDataset, LengthGroupedBatchSampler, tokenize_texts
+from newstune.data.batching import (
+    Collator,
+    EncodedDataset,
+    LengthGroupedBatchSampler,
+    pad_multiple,
+    tokenize_texts,
+)
 from newstune.data.registry import DatasetBundle, load_dataset
 from newstune.data.splits import class_weights, positive_weights
 from newstune.decisions.metrics import classification_metrics
@@ -299,8 +305,8 @@ class Trainer:
                                teacher=self.teacher.logits if self.teacher is not None else None)
         sampler = self.batch_sampler = LengthGroupedBatchSampler(train.lengths, cfg.batch_size, cfg.seed,
                                                                  cfg.group_by_length)
-        return DataLoader(train, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
-                          num_workers=cfg.num_workers)
+        return DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers,
+                          collate_fn=Collator(self.tokenizer.pad_token_id, pad_multiple(self.device)))
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config.train
@@ -317,7 +323,7 @@ class Trainer:
             decay = 0.0 if (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name) else cfg.weight_decay
             groups.setdefault((lr, decay), []).append(param)
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()],
-                                 lr=cfg.lr, fused=False)
+                                 lr=cfg.lr, fused=cfg.fused_adamw or None)
 
     def _class_weights(self) -> torch.Tensor | None:
         weights = self.config.train.class_weights
@@ -629,10 +635,10 @@ class Trainer:
     # ------------------------------------------------------------ the trained model
 
     def trained(self) -> TrainedModel:
-        """The model with its best weights back in and the full last layer, as it is saved, predicted with and served:
-        what the post-training steps (`steps.finish`) score and write."""
+        """The model with its best weights back in, as it is saved, predicted with and served (load_run runs the last
+        layer for token 0 only where training did): what the post-training steps (`steps.finish`) score and write."""
         model = self.accelerator.unwrap_model(self.model)
-        restore_full_last_layer(model)
+        restore_full_last_layer(model)  # checked again below on the best weights, as load_run does
         if (self.run_dir / BEST_WEIGHTS).is_file():  # plain names (trainable_state): load past torch.compile
             best = load_weights(self.run_dir / BEST_WEIGHTS)[0]
             plain = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -641,6 +647,8 @@ class Trainer:
                 raise NewstuneError(f"{self.run_dir / BEST_WEIGHTS}: tensors {sorted(missing)[:3]} are not in this "
                                     "run's model; the file was changed")
             plain.load_state_dict(best, strict=False)
+        if self.first_token_only:
+            run_last_layer_on_first_token(model)
         return TrainedModel(self.config, self.run_dir, self.bundle, model, self.tokenizer, self.encoded,
                             self.precision, self.device, self.state.history)
 
