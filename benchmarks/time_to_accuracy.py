@@ -215,11 +215,12 @@ def mean_minutes(curves: list[list[dict]], threshold: float) -> tuple[float | No
 
 def summary_row(contender: str, curves: list[list[dict]], thresholds: list[float]) -> dict:
     finals = [c[-1]["accuracy"] for c in curves]
-    row = {"contender": contender,
-           "work": "different: lower layers cached" if contender == "newstune-fastest" else "same model and recipe"}
+    work = {"hf-expert": "same model and hyperparameters, no layer-wise lr decay (no Trainer flag for it)",
+            "newstune": "the recipe as it stands", "newstune-fastest": "different: lower layers cached"}
+    row = {"contender": contender, "work": work[contender]}
     for threshold in thresholds:
         mean, std, n = mean_minutes(curves, threshold)
-        row[f"to_{threshold:.1%}"] = (f"{mean:.1f} ± {std:.1f}" if mean is not None
+        row[f"to_{threshold:.1%}"] = (f"{mean:.2f} ± {std:.2f}" if mean is not None
                                       else f"not reached ({n}/{len(curves)} seeds)")
     row.update({"final": f"{statistics.mean(finals):.4f} ± {statistics.stdev(finals) if len(finals) > 1 else 0:.4f}",
                 "train_minutes": statistics.mean(c[-1]["minutes"] for c in curves)})

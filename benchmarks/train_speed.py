@@ -18,7 +18,8 @@ included; evaluation excluded (timed apart). The same precision for every conten
 (`precision: auto` -- bf16 on CPUs with avx512_bf16/AMX, fp32 otherwise), printed with the CPU.
 With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
 optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights, the last layer run
-for token 0 only, fused AdamW): what each change contributes is newstune's tokens/s over that row's.
+for token 0 only, fused AdamW): what each change contributes is newstune's tokens/s over that row's; and one row with
+torch.compile switched on (compiled_speedup > 1 would make it worth turning on by default).
 Every contender runs with the same torch thread count (newstune's default: one per physical core), recorded per row;
 padding is measured the same way for all: the tensor widths of the batches each one actually trains on. The table
 labels each row "same FLOPs", "same result, fewer FLOPs" (the first-token last layer) or different work; the
@@ -63,6 +64,9 @@ ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
              "newstune-no-bf16-weights": {"bf16_frozen_weights": False},
              "newstune-no-first-token": {"first_token_last_layer": False},
              "newstune-no-fused-adamw": {"fused_adamw": False}}
+# Rows with one more change switched on: torch.compile (LayerNorm/GELU/residual fusion by Inductor), re-measured on
+# whichever CPU runs the ablation.
+ADDITIONS = {"newstune-compiled": {"compile": True}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 
@@ -194,7 +198,7 @@ def contender_main(args: argparse.Namespace) -> None:
         if args.contender.startswith("newstune"):
             top = mode["top_layers"] if args.contender == "newstune-cached" else None
             result = run_newstune(mode["model"], bundle, Path(tmp), args.seed, precision, top,
-                                  ABLATIONS.get(args.contender))
+                                  ABLATIONS.get(args.contender) or ADDITIONS.get(args.contender))
         else:
             result = run_hf(args.contender == "hf-expert", resolve_model_path(mode["model"]), bundle, Path(tmp),
                             args.seed, precision)
@@ -236,7 +240,7 @@ def summarise(name: str, runs: list[dict], peak_tflops: float) -> dict:
 def ablation_contenders(precision: str) -> list[str]:
     """bf16-held weights only exist in bf16: in fp32 that row would repeat newstune's."""
     return ["hf-expert", "newstune", *(name for name in ABLATIONS
-                                       if precision == "bf16" or name != "newstune-no-bf16-weights")]
+                                       if precision == "bf16" or name != "newstune-no-bf16-weights"), *ADDITIONS]
 
 
 def headline_ratios(by_name: dict[str, dict]) -> dict[str, float]:
@@ -253,6 +257,10 @@ def headline_ratios(by_name: dict[str, dict]) -> dict[str, float]:
         if name in by_name:  # > 1: the change speeds newstune up by this factor
             ratios[name.removeprefix("newstune-no-").replace("-", "_") + "_speedup"] = (ours["tokens_per_s"]
                                                                       / by_name[name]["tokens_per_s"])
+    for name in ADDITIONS:
+        if name in by_name:  # > 1: switching it on would speed newstune up by this factor
+            ratios[name.removeprefix("newstune-").replace("-", "_") + "_speedup"] = (by_name[name]["tokens_per_s"]
+                                                                                     / ours["tokens_per_s"])
     return ratios
 
 
@@ -266,6 +274,8 @@ def work_label(contender: str) -> str:
     label = "same result, fewer FLOPs" if first_token else "same FLOPs"
     if contender in ABLATIONS:
         label += "; ablation: " + ", ".join(f"{k}={v}" for k, v in ABLATIONS[contender].items())
+    if contender in ADDITIONS:
+        label += "; added: " + ", ".join(f"{k}={v}" for k, v in ADDITIONS[contender].items())
     return label
 
 
@@ -332,7 +342,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="hf-expert, newstune, and newstune with one optimisation off per row")
     parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--contender", choices=[*CONTENDERS, *ABLATIONS], help=argparse.SUPPRESS)
+    parser.add_argument("--contender", choices=[*CONTENDERS, *ABLATIONS, *ADDITIONS], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=HYPER["seed"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -227,8 +227,11 @@ def test_scoring_many_files_on_ray_keeps_every_row_and_the_bad_one(topic_run, tm
     predict_file(load_run(topic_run), tmp_path / "in" / "a.jsonl", tmp_path / "local.jsonl")
     local = {o["line"]: o for o in map(json.loads, (tmp_path / "local.jsonl").read_text().splitlines())}
     on_ray = {r["line"]: r for r in rows if r["source_file"].endswith("a.jsonl")}
-    assert {n: (o["predicted_label"], o["probabilities"]) for n, o in local.items()} == \
-           {n: (o["predicted_label"], o["probabilities"]) for n, o in on_ray.items()}
+    assert {n: o["predicted_label"] for n, o in local.items()} == {n: o["predicted_label"] for n, o in on_ray.items()}
+    # shards batch other rows together than one local pass: another padded width rounds the 6th decimal
+    for n, ours in local.items():
+        assert list(on_ray[n]["probabilities"].values()) == pytest.approx(list(ours["probabilities"].values()),
+                                                                          abs=2e-6)
 
 
 def complete_shards(out_dir: Path) -> list[Path]:
