@@ -24,6 +24,7 @@ from newstune.decisions.metrics import classification_metrics
 from newstune.decisions.rule import Decision
 from newstune.errors import NewstuneError
 from newstune.modeling.backends import Scorer, export_scorer, require, torch_scorer
+from newstune.modeling.first_token import run_last_layer_on_first_token
 from newstune.modeling.model import merge_lora
 from newstune.paths import cache_dir
 from newstune.rundir.run import LoadedRun, export_dir, load_run
@@ -49,6 +50,8 @@ def export_backend(run_dir: Path, backend: str, int8: bool = False, data_dir: Pa
     bundle = load_dataset(data, run.config.train.seed)
     with staged_folder(target, f"delete it to export {backend} {precision} again") as staging:
         plain = merge_lora(load_run(run_dir, as_trained=False).model).eval()
+        if run.config.train.first_token_last_layer:  # traced as inference runs it; the gate below re-checks it
+            run_last_layer_on_first_token(plain)
         calibration = _calibration_ids(run, bundle.splits["train"].texts) if int8 else []
         convert = _to_onnx if backend == "onnx" else _to_openvino
         convert(plain, run.tokenizer, staging, calibration)

@@ -265,7 +265,7 @@ def _torch_model(run_dir: Path, config: RunConfig, labels: list[str], decision: 
     model.to(device).eval()
     if as_trained and config.train.first_token_last_layer:
         # inference reads token 0 of the last layer too: the same logits (checked on a batch first) for less work;
-        # as_trained=False is the plain model that exports trace, left whole
+        # as_trained=False is the plain model (merged exports save it; backend exports patch it before tracing)
         run_last_layer_on_first_token(model)
     return model
 
