@@ -91,7 +91,6 @@ def test_errors_never_echo_the_request(app, body):
 @pytest.mark.parametrize("text, kind", [
     ("\ud800 lone surrogate", "string_unicode"),
     (" \t\u200b\u00a0\u2028\u0000", "empty_text"),
-    ("<b> </b>&nbsp;", "empty_text"),  # visible, but the run's HTML cleaning leaves nothing
     ("", "string_too_short"),
     ("x" * (MAX_CHARS + 1), "string_too_long"),
 ])
@@ -101,6 +100,22 @@ def test_a_bad_text_is_a_422_with_a_list_of_problems(app, text, kind):
     assert response.status_code == 422
     assert response.json() == {"detail": [{"loc": ["body", "texts", 1], "msg": response.json()["detail"][0]["msg"],
                                            "type": kind}]}
+
+
+def test_a_text_that_only_the_cleaning_empties_is_read_as_given_by_serve_and_predict(runs, tmp_path):  # noqa: F811
+    # Schema-valid (it has visible characters), so the service must label it, and predict must agree: fails if
+    # either refuses it (the old 422 / row error) or if they read it differently.
+    text = "<b> </b>&nbsp;"
+    run = load_run(runs["topics"])
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": text}) + "\n")
+    predict_file(run, source, tmp_path / "out.jsonl")
+    predicted = json.loads((tmp_path / "out.jsonl").read_text())
+    assert not predicted["error"] and predicted["predicted_label"]
+    with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
+        response = client.post("/v1/classify", json={"model": "topics", "texts": [text]})
+    assert response.status_code == 200
+    assert response.json()["results"][0]["probabilities"] == predicted["probabilities"]
 
 
 def test_a_bad_request_among_concurrent_ones_fails_only_itself(app, tiny_models):

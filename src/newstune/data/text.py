@@ -97,6 +97,15 @@ def textualize_liar(row: dict[str, str], fields: list[str], credit_history: bool
     return " ".join(parts)
 
 
+def model_text(text: str, config: CleanConfig) -> str:
+    """What a trained run reads at prediction time: the cleaned text or, when the cleaning leaves nothing visible (a
+    text of markup only, `<b></b>`), the text as given. One rule for the service and predict: every text with a
+    visible character -- what the service's schema asks for -- gets a label. (Training drops or refuses such rows,
+    data.drop_empty: there the label would teach nothing.)"""
+    cleaned = clean_text(text, config)
+    return cleaned if has_visible(cleaned) else _SPACES.sub(" ", _SURROGATES.sub("", text)).strip()
+
+
 # Characters that show nothing: controls, zero-width/format characters, surrogates, spaces and separators.
 _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 VISIBLE = "a character that is not whitespace, a control or a zero-width/format character"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from newstune.data.files import JsonlRow, iter_jsonl, reading
 from newstune.data.registry import record_input_text
-from newstune.data.text import VISIBLE, clean_text, has_lone_surrogate, has_visible
+from newstune.data.text import VISIBLE, has_lone_surrogate, has_visible, model_text
 from newstune.decisions import rule as decisions
 from newstune.errors import NewstuneError
 from newstune.rundir.run import LoadedRun
@@ -95,7 +95,7 @@ def row_text(record: dict | None, run: LoadedRun) -> tuple[str | None, str | Non
         return None, f"text of {len(raw):,} characters is over the {MAX_ROW_CHARS:,} a row may hold; split it"
     if has_lone_surrogate(raw):
         return None, "text holds a lone surrogate (invalid Unicode); fix the encoding of this row"
-    text = clean_text(raw, run.config.data.clean)
+    text = model_text(raw, run.config.data.clean)
     if not text:
         return None, "empty text"
     return (text, None) if has_visible(text) else (None, f"text has no visible character (needs {VISIBLE})")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt, StringConstraints
 
 from newstune.config import CleanConfig, DataConfig
 from newstune.data.registry import input_columns, optional_input_columns, record_input_text
-from newstune.data.text import clean_text, visible_pattern
+from newstune.data.text import model_text, visible_pattern
 from newstune.decisions import rule as decisions
 from newstune.decisions.ensemble import Ensemble
 from newstune.decisions.rule import Decision
@@ -56,8 +56,8 @@ class ServedModel:
             self.decision = Decision(threshold=self.threshold)
 
     def cleaned(self, text: str) -> str:
-        """The text as the run saw its training data (the same cleaning as `newstune predict`)."""
-        return clean_text(text, self.clean)
+        """The text as the run saw its training data (the same rule as `newstune predict`: data.text.model_text)."""
+        return model_text(text, self.clean)
 
     def classify(self, texts: list[str]) -> list[dict]:
         cleaned = [self.cleaned(t) for t in texts]
@@ -200,8 +200,9 @@ def _settle(future: asyncio.Future, result: list[dict] | None = None, error: Exc
 
 # The length constraint makes pydantic check the text is valid Unicode: a lone surrogate is a 422 (string_unicode).
 NewsText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHARS),
-                     Field(description=f"1-{MAX_CHARS} characters of valid Unicode (no lone surrogates) that keep "
-                                       f"{VISIBLE} through the run's own cleaning (HTML tags, entities), else 422.",
+                     Field(description=f"1-{MAX_CHARS} characters of valid Unicode (no lone surrogates) with "
+                                       f"{VISIBLE}, else 422. The run's own cleaning (HTML tags, entities) applies; "
+                                       "a text it would empty is read as given.",
                            json_schema_extra=lambda schema: schema.update(format="visible-text",
                                                                            pattern=visible_pattern()))]
 
@@ -316,7 +317,7 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
         empty = [i for i, text in enumerate(texts) if not has_visible(model.cleaned(text))]
         if empty:
             raise RequestValidationError([{"loc": ("body", field, i), "type": "empty_text",
-                                           "msg": f"text is empty: it has no {VISIBLE} once cleaned"}
+                                           "msg": f"text is empty: it has no {VISIBLE}"}
                                           for i in empty])
         try:
             results = await batchers[name].classify(texts)
