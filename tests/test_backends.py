@@ -97,6 +97,21 @@ def test_an_export_whose_width_disagrees_with_the_labels_is_refused(fresh_run):
         load_run(fresh_run, backend="onnx")
 
 
+def test_the_export_traces_the_first_token_layer(fresh_run, monkeypatch):
+    # the logits are the same either way, so the gate cannot see it: fails if the converter gets the full last layer
+    from newstune.modeling.frozen_prefix import encoder_model
+
+    real, seen = newstune.inference.backend_export._to_onnx, []
+
+    def spy(model, *args):
+        seen.append("forward" in vars(encoder_model(model).encoder.layer[-1]))
+        return real(model, *args)
+
+    monkeypatch.setattr(newstune.inference.backend_export, "_to_onnx", spy)
+    assert export_backend(fresh_run, "onnx", tolerance_points=2.0)["validation"]["label_agreement"] == 1.0
+    assert seen == [True]
+
+
 def test_an_existing_export_is_never_overwritten(fresh_run):
     export_backend(fresh_run, "onnx")
     before = (export_dir(fresh_run, "onnx", "fp32") / "model.onnx").read_bytes()

@@ -12,7 +12,7 @@ from newstune.config import validate
 from newstune.data.splits import split_label_set
 from newstune.decisions import rule as decisions
 from newstune.decisions.calibration import fit_temperature
-from newstune.decisions.metrics import calibration_scores, expected_calibration_error
+from newstune.decisions.metrics import calibration_scores, expected_calibration_error, reliability_bins
 from newstune.decisions.rule import Decision
 from newstune.decisions.tuning import tune_class_bias, tune_label_thresholds
 from newstune.errors import NewstuneError
@@ -35,10 +35,13 @@ def nll(logits: np.ndarray, labels: np.ndarray, decision: Decision) -> float:
 
 
 def test_ece_of_hand_made_bins():
-    # bin [0.6, 0.667): two texts at 0.6, one right -> |0.5 - 0.6| ; bin [0.933, 1]: two at 0.95, both right
+    # scikit-learn's bins are closed on the right: (0.533, 0.6] holds the two texts at 0.6, one right -> |0.5 - 0.6|;
+    # (0.933, 1] the two at 0.95, both right; and 0.6 exactly sits in the lower bin, not with 0.61 (counts below)
     confidence = np.array([0.6, 0.6, 0.95, 0.95])
     outcome = np.array([1.0, 0.0, 1.0, 1.0])
     assert expected_calibration_error(confidence, outcome) == pytest.approx(0.5 * 0.1 + 0.5 * 0.05)
+    points = reliability_bins(np.array([0.6, 0.61, 0.95]), np.array([1.0, 0.0, 1.0]))
+    assert [count for _, _, count in points] == [1, 1, 1]  # fails if an edge value shares a bin with 0.61
 
 
 def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model():

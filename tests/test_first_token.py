@@ -116,7 +116,8 @@ def test_applied_before_compile_and_kept_for_the_final_evaluation(tiny_models, t
     metrics = finish_run(trainer)
     # predict and serve run the first-token layer (load_run): latency and the final scores are measured on that
     assert "forward" in vars(last_layer) and metrics["efficiency"]["first_token_last_layer"]
-    # fails if load_run leaves inference on the full layer, or if exports (as_trained=False) would trace the copy
+    # fails if load_run leaves inference on the full layer, or if the plain model (as_trained=False, which merged
+    # exports save) came back patched
     loaded = load_run(trainer.run_dir)
     assert "forward" in vars(encoder_model(loaded.model).encoder.layer[-1])
     plain = load_run(trainer.run_dir, as_trained=False)

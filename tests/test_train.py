@@ -103,6 +103,14 @@ def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
     assert evaluated["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_is_fused_unless_switched_off(tiny_models, tiny_data, fused):
+    # fails if train.fused_adamw stops reaching the optimizer (the pinned losses pass either way, rtol 1e-3)
+    trainer = Trainer(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.fused_adamw": fused})), None)
+    trainer.setup()
+    assert bool(trainer.optimizer.defaults["fused"]) is fused
+
+
 def test_full_finetuning_trains_every_weight(tiny_models, tiny_data, tmp_path):
     _, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"lora.method": "full", "train.lr": 1e-3,
                                                                 "train.epochs": 1})

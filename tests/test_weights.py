@@ -61,23 +61,30 @@ def test_installed_minilm_matches_upstream_and_runs_none_of_the_packages_code(mo
 def test_without_its_package_an_alias_loads_the_pinned_hub_commit_and_checks_every_file(folder, monkeypatch):
     """Fails if the hub fallback asks for another revision than the pinned one, downloads files beyond those it
     checks, or returns a snapshot whose files do not hash to the stored values."""
-    asked = {}
-
-    def snapshot_download(repo_id, revision, allow_patterns):
-        asked.update(repo_id=repo_id, revision=revision, allow_patterns=sorted(allow_patterns))
-        return str(folder)
+    import shutil
 
     import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_dir, local_files_only):
+        asked.update(repo_id=repo_id, revision=revision, allow_patterns=sorted(allow_patterns))
+        shutil.copytree(folder, local_dir, dirs_exist_ok=True)
+        return str(local_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(weights, "MINILM_PACKAGES", {"no_such_package_here": "model"})
     weights.verify_weights.cache_clear()
-    assert weights.minilm_path() == folder
+    assert weights.installed_path("minilm") is None  # listing never downloads
+    assert asked == {}
+    snapshot = weights.minilm_path()
+    assert snapshot.name == "minilm-hub-1110a243fdf4" and (snapshot / "config.json").is_file()
     assert asked == {"repo_id": "sentence-transformers/all-MiniLM-L6-v2",
                      "revision": "1110a243fdf4706b3f48f1d95db1a4f5529b4d41", "allow_patterns": sorted(FILES)}
-    (folder / "tokenizer.json").write_bytes(b'{"changed upstream": true}')
+    (snapshot / "tokenizer.json").write_bytes(b'{"changed upstream": true}')
     weights.verify_weights.cache_clear()
-    with pytest.raises(NewstuneError, match="tokenizer.json has SHA-256"):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: kwargs["local_dir"])  # as cached
+    with pytest.raises(NewstuneError, match=r"tokenizer.json has SHA-256.*delete .*minilm-hub-1110a243fdf4 to "):
         weights.minilm_path()
 
 

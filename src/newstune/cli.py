@@ -477,10 +477,12 @@ def models_list() -> None:
     from newstune.modeling import weights
 
     for alias, hub_id in weights.MODEL_ALIASES.items():
-        try:
-            where = weights.resolve_model_path(alias)
+        try:  # never downloads: a listing must not fetch 438 MB
+            found = weights.installed_path(alias)
+            where = str(found) if found else "not installed (first use downloads the pinned hub commit; offline: " \
+                                             f"newstune models install {alias})"
         except NewstuneError as err:
-            where = f"not installed: {err}"
+            where = f"refused: {err}"
         typer.echo(f"{alias:8s} {hub_id:45s} {where}")
 
 

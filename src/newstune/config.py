@@ -149,7 +149,8 @@ class TrainSettings(_Section):
     )
     group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
     fused_adamw: bool = Field(True, description="AdamW's fused kernel (one pass over every parameter, CPU and "
-                              "CUDA) instead of the per-tensor foreach path; same update up to rounding.")
+                              "CUDA) instead of torch's default path (a per-tensor loop on CPU); same update up to "
+                              "rounding.")
     fast_dropout: bool = Field(True, description="CPU: dropout masks from 16-bit random slices (~3x faster "
                                "mask generation; p exact to 1/65536). GPUs keep torch's fused dropout.")
     first_token_last_layer: bool = Field(

@@ -105,7 +105,7 @@ def pad_multiple(device: str) -> int:
     (bf16, MiniLM forward + backward, batch 32, 2026-12-06): 57 tokens wide took 294 ms and 64 took 351 ms, 5.2
     against 5.5 ms per token column, so rounding up to 8 only adds the padding's cost there (not yet measured on
     AMX CPUs, whose bf16 tiles are 16 rows by 32 columns)."""
-    return 8 if device == "cuda" else 1
+    return 8 if device.startswith("cuda") else 1
 
 
 class Collator:

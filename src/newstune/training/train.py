@@ -647,8 +647,8 @@ class Trainer:
                 raise NewstuneError(f"{self.run_dir / BEST_WEIGHTS}: tensors {sorted(missing)[:3]} are not in this "
                                     "run's model; the file was changed")
             plain.load_state_dict(best, strict=False)
-        if self.first_token_only:
-            run_last_layer_on_first_token(model)
+        if self.first_token_only:  # recorded as what the saved model is scored with: off if the check now disagrees
+            self.first_token_only = run_last_layer_on_first_token(model)
         return TrainedModel(self.config, self.run_dir, self.bundle, model, self.tokenizer, self.encoded,
                             self.precision, self.device, self.state.history)
 
