@@ -19,7 +19,8 @@ included; evaluation excluded (timed apart). The same precision for every conten
 With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
 optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights, the last layer run
 for token 0 only, fused AdamW): what each change contributes is newstune's tokens/s over that row's; and one row with
-torch.compile switched on (compiled_speedup > 1 would make it worth turning on by default).
+torch.compile switched on, one with attention dropout on the context (`train.attention_dropout: context`, which keeps
+CPU SDPA fused); a speed-up > 1 there would make the change worth its accuracy check.
 Every contender runs with the same torch thread count (newstune's default: one per physical core), recorded per row;
 padding is measured the same way for all: the tensor widths of the batches each one actually trains on. The table
 labels each row "same FLOPs", "same result, fewer FLOPs" (the first-token last layer) or different work; the
@@ -66,7 +67,8 @@ ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
              "newstune-no-fused-adamw": {"fused_adamw": False}}
 # Rows with one more change switched on: torch.compile (LayerNorm/GELU/residual fusion by Inductor), re-measured on
 # whichever CPU runs the ablation.
-ADDITIONS = {"newstune-compiled": {"compile": True}}
+ADDITIONS = {"newstune-compiled": {"compile": True},
+             "newstune-context-dropout": {"attention_dropout": "context"}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 
@@ -281,7 +283,9 @@ def work_label(contender: str) -> str:
 
 def driver_main(args: argparse.Namespace) -> None:
     precision = resolve_precision("auto", "cpu")
-    contenders = ablation_contenders(precision) if args.ablation else CONTENDERS
+    contenders = args.contenders or (ablation_contenders(precision) if args.ablation else CONTENDERS)
+    if not {"hf-expert", "newstune"} <= set(contenders):
+        raise SystemExit("--contenders must include hf-expert and newstune (the headline ratio)")
     # Round i trains every contender with seed 42 + i: accuracies are means over seeds (one short epoch is noisy).
     order = [(c, HYPER["seed"] + i) for i in range(args.repeats)
              for c in (contenders if i % 2 == 0 else contenders[::-1])]
@@ -320,7 +324,7 @@ def driver_main(args: argparse.Namespace) -> None:
               f"spread ({spread:.4f})")
     table += "\n\naccuracy by seed: " + "; ".join(
         f"{r['contender']} " + ", ".join(f"{s}: {a:.3f}" for s, a in r["accuracy_by_seed"].items()) for r in rows)
-    name = f"train_speed_{args.mode}" + ("_ablation" if args.ablation else "")
+    name = f"train_speed_{args.mode}" + ("_ablation" if args.ablation else "") + ("_subset" if args.contenders else "")
     write_results(Path(args.out), name, {"machine": machine(), "mode": args.mode,
                   "lora": LORA, "hyper": HYPER, "peak_tflops": peak, "rows": rows, "ratios": ratios,
                   "order": order, "precision": precision, "cpu": cpu_line(), "onednn": isa}, table)
@@ -341,6 +345,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds of A B C D / D C B A, one seed each")
     parser.add_argument("--ablation", action="store_true",
                         help="hf-expert, newstune, and newstune with one optimisation off per row")
+    parser.add_argument("--contenders", nargs="+", choices=[*CONTENDERS, *ABLATIONS, *ADDITIONS],
+                        help="run only these (with hf-expert and newstune), e.g. one ablation or addition row")
     parser.add_argument("--out", default="bench_results")
     parser.add_argument("--contender", choices=[*CONTENDERS, *ABLATIONS, *ADDITIONS], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

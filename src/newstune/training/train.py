@@ -40,6 +40,7 @@ from newstune.data.splits import class_weights, positive_weights
 from newstune.decisions.metrics import classification_metrics
 from newstune.decisions.rule import Decision
 from newstune.errors import Interrupted, NewstuneError
+from newstune.modeling.attention_dropout import move_attention_dropout_to_context
 from newstune.modeling.fast_dropout import use_fast_dropout
 from newstune.modeling.first_token import restore_full_last_layer, run_last_layer_on_first_token
 from newstune.modeling.frozen_prefix import FrozenPrefix
@@ -245,6 +246,8 @@ class Trainer:
         if self.config.lora.method == "lora" and self.precision == "bf16" and cfg.bf16_frozen_weights:
             hold_frozen_in(self.model, torch.bfloat16)
             self.frozen_dtype = "bf16"
+        if cfg.attention_dropout == "context":
+            move_attention_dropout_to_context(self.model)
         self.fast_dropout = cfg.fast_dropout and self.device == "cpu"
         if self.fast_dropout:
             use_fast_dropout(self.model)

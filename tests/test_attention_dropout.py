@@ -1,0 +1,68 @@
+"""Attention dropout on the context instead of the probabilities: CPU SDPA keeps its fused kernel."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
+
+from newstune.config import validate
+from newstune.modeling.attention_dropout import move_attention_dropout_to_context
+from newstune.modeling.fast_dropout import FastDropout, use_fast_dropout
+from newstune.training.train import Trainer
+
+from .conftest import tiny_config
+
+FUSED = "aten::_scaled_dot_product_flash_attention_for_cpu"
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+             max_position_embeddings=66, pad_token_id=0, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.0)
+
+
+def ops(model: torch.nn.Module, ids: torch.Tensor) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return {event.key for event in prof.key_averages()}
+
+
+def test_context_dropout_keeps_sdpa_fused_and_leaves_evaluation_alone():
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(BertConfig(**SMALL, num_labels=3),
+                                                           attn_implementation="sdpa")
+    ids = torch.randint(5, 60, (2, 12))
+    model.train()
+    assert FUSED not in ops(model, ids)  # dropout on the probabilities: the unfused math path (this CPU build)
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert move_attention_dropout_to_context(model) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # no dropout at evaluation either way
+    model.train()
+    assert FUSED in ops(model, ids)  # fails if SDPA still receives the dropout
+    torch.manual_seed(1)
+    first = model(input_ids=ids).logits
+    torch.manual_seed(2)
+    assert not torch.allclose(first, model(input_ids=ids).logits)  # fails if the moved dropout is never applied
+
+
+def test_fast_dropout_replaces_the_moved_dropout_too():
+    model = AutoModelForSequenceClassification.from_config(BertConfig(**SMALL, num_labels=3))
+    move_attention_dropout_to_context(model)
+    use_fast_dropout(model)
+    block = model.bert.encoder.layer[0].attention
+    assert isinstance(block.output.context_dropout, FastDropout) and block.output.context_dropout.p == 0.1
+    assert block.self.dropout.p == 0.0
+
+
+def test_layers_of_another_layout_are_left_alone():
+    model = AutoModelForSequenceClassification.from_config(MPNetConfig(**SMALL, num_labels=3))
+    assert move_attention_dropout_to_context(model) == 0
+
+
+@pytest.mark.parametrize("where, moved", [("probabilities", False), ("context", True)])
+def test_train_attention_dropout_reaches_the_model(tiny_models, tiny_data, where, moved):
+    # fails if the setting is ignored by the trainer (or applied when not asked for)
+    trainer = Trainer(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.attention_dropout": where})),
+                      None)
+    trainer.setup()
+    names = [name for name, _ in trainer.model.named_modules()]
+    assert any(name.endswith("context_dropout") for name in names) is moved
