@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -102,18 +103,21 @@ def test_a_bad_text_is_a_422_with_a_list_of_problems(app, text, kind):
                                            "type": kind}]}
 
 
+def predicted_and_served(run_dir: Path, text: str, tmp_path: Path) -> tuple[dict, httpx.Response]:
+    """One text through `predict_file` (its output row) and through the service (its response)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": text}) + "\n")
+    predict_file(load_run(run_dir), source, tmp_path / "out.jsonl")
+    with TestClient(create_app(load_served([f"topics={run_dir}"]))) as client:
+        response = client.post("/v1/classify", json={"model": "topics", "texts": [text]})
+    return json.loads((tmp_path / "out.jsonl").read_text()), response
+
+
 def test_a_text_that_only_the_cleaning_empties_is_read_as_given_by_serve_and_predict(runs, tmp_path):  # noqa: F811
     # Schema-valid (it has visible characters), so the service must label it, and predict must agree: fails if
     # either refuses it (the old 422 / row error) or if they read it differently.
-    text = "<b> </b>&nbsp;"
-    run = load_run(runs["topics"])
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"text": text}) + "\n")
-    predict_file(run, source, tmp_path / "out.jsonl")
-    predicted = json.loads((tmp_path / "out.jsonl").read_text())
+    predicted, response = predicted_and_served(runs["topics"], "<b> </b>&nbsp;", tmp_path)
     assert not predicted["error"] and predicted["predicted_label"]
-    with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
-        response = client.post("/v1/classify", json={"model": "topics", "texts": [text]})
     assert response.status_code == 200
     assert response.json()["results"][0]["probabilities"] == predicted["probabilities"]
 
@@ -188,13 +192,9 @@ def test_docs_load_nothing_from_outside(app):
 def test_serve_cleans_texts_as_predict_does(runs, tmp_path):  # noqa: F811
     text = "Goal <b>match</b> for the team#39;s coach &amp; league"
     run = load_run(runs["topics"])
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"text": text}) + "\n")
-    predict_file(run, source, tmp_path / "out.jsonl")
-    predicted = json.loads((tmp_path / "out.jsonl").read_text())["probabilities"]
-    with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
-        served = client.post("/v1/classify", json={"model": "topics", "texts": [text]}).json()["results"][0]
-    assert served["probabilities"] == predicted
+    row, response = predicted_and_served(runs["topics"], text, tmp_path)
+    predicted = row["probabilities"]
+    assert response.json()["results"][0]["probabilities"] == predicted
     # the cleaning matters for this text: its raw form gives other logits (compared before a softmax that a
     # confident model saturates to 0 and 1)
     cleaned = clean_text(text, run.config.data.clean)

