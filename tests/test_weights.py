@@ -67,7 +67,7 @@ def test_without_its_package_an_alias_loads_the_pinned_hub_commit_and_checks_eve
 
     asked = {}
 
-    def snapshot_download(repo_id, revision, allow_patterns, local_dir, local_files_only):
+    def snapshot_download(repo_id, revision, allow_patterns, local_dir):
         asked.update(repo_id=repo_id, revision=revision, allow_patterns=sorted(allow_patterns))
         shutil.copytree(folder, local_dir, dirs_exist_ok=True)
         return str(local_dir)
@@ -81,9 +81,11 @@ def test_without_its_package_an_alias_loads_the_pinned_hub_commit_and_checks_eve
     assert snapshot.name == "minilm-hub-1110a243fdf4" and (snapshot / "config.json").is_file()
     assert asked == {"repo_id": "sentence-transformers/all-MiniLM-L6-v2",
                      "revision": "1110a243fdf4706b3f48f1d95db1a4f5529b4d41", "allow_patterns": sorted(FILES)}
+    asked.clear()
+    weights.verify_weights.cache_clear()
+    assert weights.minilm_path() == snapshot and asked == {}  # downloaded once: no hub round trip at each start
     (snapshot / "tokenizer.json").write_bytes(b'{"changed upstream": true}')
     weights.verify_weights.cache_clear()
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: kwargs["local_dir"])  # as cached
     with pytest.raises(NewstuneError, match=r"tokenizer.json has SHA-256.*delete .*minilm-hub-1110a243fdf4 to "):
         weights.minilm_path()
 

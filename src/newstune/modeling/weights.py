@@ -101,11 +101,13 @@ def hub_snapshot(alias: str, download: bool = True) -> Path | None:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     folder = cache_dir() / "models" / f"{alias}-hub-{MODEL_REVISIONS[alias][:12]}"
-    if not download and not (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():  # a pinned commit never changes: no hub round trip on every start-up
+        return verify_weights(alias, folder)
+    if not download:
         return None
     try:
         snapshot_download(MODEL_ALIASES[alias], revision=MODEL_REVISIONS[alias], local_dir=folder,
-                          allow_patterns=list(MODEL_FILES_SHA256[alias]), local_files_only=not download)
+                          allow_patterns=list(MODEL_FILES_SHA256[alias]))
     except (HfHubHTTPError, LocalEntryNotFoundError, httpx.HTTPError, OSError):
         return None
     return verify_weights(alias, folder)
