@@ -126,15 +126,15 @@ def test_a_bad_request_among_concurrent_ones_fails_only_itself(app, tiny_models)
     """One request with a text the edge rejects, one whose text makes the model raise, 20 good ones, batched."""
     served = make_served(tiny_models["bert"], LABELS)
     calls = []
-    original = served.classify
+    original = served.classify_cleaned
 
-    def classify(texts):
+    def classify_cleaned(texts):
         calls.append(len(texts))
         if "poison" in texts:
             raise TypeError("the tokenizer choked")
         return original(texts)
 
-    served.classify = classify
+    served.classify_cleaned = classify_cleaned
     app = create_app({"topics": served}, max_wait_ms=200)
 
     async def burst():
@@ -152,12 +152,12 @@ def test_a_bad_request_among_concurrent_ones_fails_only_itself(app, tiny_models)
 
 
 class FlakyModel:
-    """classify() raises whenever a batch holds the text 'poison'."""
+    """classify_cleaned() raises whenever a batch holds the text 'poison'."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def classify(self, texts: list[str]) -> list[dict]:
+    def classify_cleaned(self, texts: list[str]) -> list[dict]:
         self.calls.append(texts)
         if "poison" in texts:
             raise TypeError("bad text")
@@ -201,6 +201,20 @@ def test_serve_cleans_texts_as_predict_does(runs, tmp_path):  # noqa: F811
     raw, clean = (predict_logits(run.model, run.tokenizer([t])["input_ids"], 0, precision=run.precision).numpy()
                   for t in (text, cleaned))
     assert cleaned != text and abs(raw - clean).max() > 1e-3
+
+
+def test_the_service_cleans_each_text_once(runs, monkeypatch):  # noqa: F811
+    # fails if the emptiness check and the model each clean the text (twice the cleaning work per request)
+    import newstune.serving.serve as serve_module
+
+    calls = []
+    original = serve_module.model_text
+    monkeypatch.setattr(serve_module, "model_text", lambda text, clean: calls.append(text) or original(text, clean))
+    texts = ["Goal <b>match</b>", "stocks &amp; bonds", "rain again"]
+    with TestClient(create_app(load_served([f"topics={runs['topics']}"]))) as client:
+        response = client.post("/v1/classify", json={"model": "topics", "texts": texts})
+    assert response.status_code == 200 and len(response.json()["results"]) == 3
+    assert calls == texts
 
 
 def test_records_are_built_into_text_as_training_built_them(tiny_models):

@@ -60,7 +60,10 @@ class ServedModel:
         return model_text(text, self.clean)
 
     def classify(self, texts: list[str]) -> list[dict]:
-        cleaned = [self.cleaned(t) for t in texts]
+        return self.classify_cleaned([self.cleaned(t) for t in texts])
+
+    def classify_cleaned(self, cleaned: list[str]) -> list[dict]:
+        """`classify` for texts already through `cleaned` (the service cleans each text once, when it checks it)."""
         ids = self.tokenizer(cleaned, truncation=True, max_length=self.max_length)["input_ids"]
         logits = self.scorer.logits(ids, MAX_TEXTS)
         if self.ensemble is not None:  # the same blend as evaluate and predict (newstune.decisions.ensemble)
@@ -175,7 +178,8 @@ class MicroBatcher:
     async def _run(self, pending: list[tuple[list[str], asyncio.Future]]) -> None:
         texts = [text for batch, _ in pending for text in batch]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.classify, texts)
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self.executor, self.model.classify_cleaned, texts)
         except Exception as err:  # noqa: BLE001 -- a failed batch fails its requests, not the server
             if len(pending) == 1:
                 _settle(pending[0][1], error=err)
@@ -314,13 +318,14 @@ def create_app(served: dict[str, ServedModel], max_wait_ms: float = 4.0, max_que
         return await answer(request.model, model, texts, "records")
 
     async def answer(name: str, model: ServedModel, texts: list[str], field: str) -> ClassifyResponse:
-        empty = [i for i, text in enumerate(texts) if not has_visible(model.cleaned(text))]
+        cleaned = [model.cleaned(text) for text in texts]  # once: the check and the model read the same text
+        empty = [i for i, text in enumerate(cleaned) if not has_visible(text)]
         if empty:
             raise RequestValidationError([{"loc": ("body", field, i), "type": "empty_text",
                                            "msg": f"text is empty: it has no {VISIBLE}"}
                                           for i in empty])
         try:
-            results = await batchers[name].classify(texts)
+            results = await batchers[name].classify(cleaned)
         except Overloaded as busy:
             raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after)}) from None
         return ClassifyResponse(model=name, results=[Prediction(**r) for r in results])
