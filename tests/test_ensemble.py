@@ -137,3 +137,63 @@ def test_the_ensemble_command_blends_an_existing_run_and_keeps_the_old_metrics(t
     assert [json.loads(p.read_text()) for p in plain.glob("metrics.before-calibrate-*.json")] == [before]
     CliRunner().invoke(app, ["ensemble", str(plain), "--method", "none"])
     assert load_run(plain).ensemble is None and "ensemble" not in json.loads((plain / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def multi_label_hybrid(tiny_models, tmp_path_factory):
+    """A tiny multi-label run trained one epoch (a weak encoder) with the one-vs-rest TF-IDF blend."""
+    from .test_decisions import multi_label_rows
+
+    root = tmp_path_factory.mktemp("multi_hybrid")
+    for name, n, seed in (("train.csv", 480, 1), ("valid.csv", 90, 2), ("test.csv", 90, 3)):
+        write_csv(root / name, multi_label_rows(n, seed))
+    config = tiny_config(tiny_models["bert"], root, **{"train.epochs": 1})
+    config["data"]["multi_label"] = True
+    config["eval"]["ensemble"] = "tfidf"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEWSTUNE_CACHE", str(root / "cache"))
+        run_dir, metrics = train(validate(config), root / "run")
+    return root, run_dir, metrics
+
+
+def test_a_multi_label_linear_model_saves_and_scores_like_the_fitted_one(multi_label_hybrid, tmp_path):
+    # Fails when the one-vs-rest coefficients are not one row per label in the labels' order.
+    root = multi_label_hybrid[0]
+    config = validate(tiny_config(root, root))
+    config.data.multi_label = True
+    bundle = load_dataset(config.data, 7)
+    chosen = choose_baseline(bundle, "micro_f1", EvalSettings())
+    texts = bundle.splits["test"].texts
+    LinearTextModel.from_chosen(chosen).save(tmp_path / "e")
+    loaded = LinearTextModel.load(tmp_path / "e", len(bundle.label_names), multi_label=True)
+    assert loaded.logits(texts).shape == (len(texts), 3)
+    assert np.allclose(loaded.logits(texts), margins(chosen.model, chosen.features.transform(texts)), atol=1e-10)
+
+
+def test_a_multi_label_blend_is_applied_alike_by_evaluate_predict_and_serve(multi_label_hybrid, tmp_path):
+    # Fails when a consumer skips the blend (the encoder alone gives other probabilities, checked below) or when the
+    # blend mixes softmax log-probabilities across labels instead of each label's log-odds.
+    _, run_dir, metrics = multi_label_hybrid
+    blend = metrics["ensemble"]
+    assert 0 < blend["weight"] <= 1, "keyword tags: the TF-IDF model is worth a weight"
+    assert metrics["test"]["micro_f1"] >= blend["encoder_alone"]["test"]["micro_f1"]
+    run = load_run(run_dir)
+    assert run.decision.multi_label and run.ensemble.linear.multi_label
+    bundle = load_dataset(run.config.data, run.config.train.seed)
+    assert evaluate_loaded(run, bundle.splits["test"])["micro_f1"] == pytest.approx(metrics["test"]["micro_f1"])
+    texts = ["goal match team stock market shares", "space planet nasa research", "rain and wind"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    predict_file(run, source, tmp_path / "out.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    with TestClient(create_app(load_served([f"tags={run_dir}"]))) as client:
+        served = client.post("/v1/classify", json={"model": "tags", "texts": texts}).json()["results"]
+    assert [r["labels"] for r in served] == [r["predicted_label"] for r in rows]
+    assert [r["probabilities"] for r in served] == [r["probabilities"] for r in rows]
+    encoder = run.scorer.logits(run.tokenizer(texts)["input_ids"])
+    linear = run.ensemble.linear.logits(texts)
+    w, t_e, t_b = blend["weight"], blend["encoder_temperature"], blend["baseline_temperature"]
+    expected = decisions.probabilities((1 - w) * encoder / t_e + w * linear / t_b, run.decision)
+    assert np.asarray([list(r["probabilities"].values()) for r in rows]) == pytest.approx(expected, abs=1e-5)
+    encoder_only = decisions.probabilities(encoder, replace(run.decision, ensemble=None))
+    assert np.abs(expected - encoder_only).max() > 1e-3

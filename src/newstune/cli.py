@@ -249,7 +249,7 @@ def calibrate(
 
 @app.command()
 def ensemble(
-    run: Annotated[Path, typer.Argument(help="Run directory (a finished single-label run).")],
+    run: Annotated[Path, typer.Argument(help="Run directory (a finished run).")],
     method: Annotated[str, typer.Option(help="tfidf (blend with the run's TF-IDF baseline) or none (drop the "
                                              "blend).")] = "tfidf",
     data_dir: DataDir = None,

@@ -202,8 +202,8 @@ class EvalSettings(_Section):
                            "(settings chosen on validation, test scored once) and report it beside the run.")
     ensemble: Literal["none", "tfidf"] = Field(
         "none", description="tfidf: blend the encoder with the run's TF-IDF baseline (log-probabilities, weight and "
-        "temperatures chosen on validation) as part of the decision rule that evaluate, predict and serve apply; "
-        "single-label tasks.")
+        "temperatures chosen on validation; multi-label: each label's log-odds) as part of the decision rule that "
+        "evaluate, predict and serve apply.")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
     test_curve: bool = Field(False, description="Also evaluate the test split at each validation evaluation, logged as "

@@ -237,7 +237,8 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
         scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
     else:
         scorer = _export_scorer(run_dir, chosen, tokenizer, len(labels))
-    ensemble = load_ensemble(run_dir, decision.ensemble, len(labels)) if decision.ensemble is not None else None
+    ensemble = None if decision.ensemble is None else load_ensemble(run_dir, decision.ensemble, len(labels),
+                                                                    decision.multi_label)
     run = LoadedRun(run_dir, config, labels, model, tokenizer, decision.threshold, precision, decision=decision,
                     ensemble=ensemble, scorer=scorer)
     if chosen is not None:

@@ -74,7 +74,7 @@ def calibrate_run(run_dir: Path, method: str | None = None, tune_class_bias: boo
         logits = {split: fitted.combine(encoder[split], bundle.splits[split].texts) for split in splits}
     decision = fit_decision(labels["validation"], logits["validation"], settings, multi_label)
     if blend:
-        report["encoder_alone"] = encoder_alone(labels, encoder, run.label_names, settings)
+        report["encoder_alone"] = encoder_alone(labels, encoder, run.label_names, settings, multi_label)
         decision = replace(decision, ensemble=fitted.settings())
     for split in splits:
         metrics[split] = classification_metrics(labels[split], logits[split], run.label_names, decision)

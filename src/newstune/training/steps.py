@@ -167,7 +167,8 @@ def finish(trained: TrainedModel, loop: dict, extra_metrics: dict) -> dict:
     if ensemble_report is not None:
         ensemble_report["encoder_alone"] = encoder_alone(
             {split: trained.labels(split) for split in ("validation", final_split)},
-            {"validation": val_encoder, final_split: final_encoder}, trained.label_names, cfg.eval)
+            {"validation": val_encoder, final_split: final_encoder}, trained.label_names, cfg.eval,
+            trained.multi_label)
     save_model(trained.model, trained.tokenizer, trained.run_dir / MODEL_DIR)
     logits = {"validation": val_logits, final_split: final_logits}
     metrics = {"validation": validation, **({"test": final} if cfg.eval.test else {}),
