@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +131,11 @@ class Overloaded(Exception):
 
 
 class MicroBatcher:
-    """Collects texts from concurrent requests for up to `max_wait_ms`, then runs them as one batch.
+    """Collects texts from concurrent requests into one batch, then runs it on the executor.
 
+    A batch takes what queued while the last one ran, then waits up to `max_wait_ms` for more -- but only until it
+    holds as many requests as the largest of the last few batches: that is how many clients are in flight, so
+    waiting longer only adds latency (one client never waits at all; 32 stop waiting once the 32nd arrives).
     At most `max_queue` requests wait; one more is refused (Overloaded) instead of piling up latency.
     """
 
@@ -144,6 +148,7 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue(max_queue)
         self.task: asyncio.Task | None = None
+        self.recent_sizes: deque[int] = deque([1], maxlen=8)  # requests per batch, the last 8 batches
 
     async def classify(self, texts: list[str]) -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -167,12 +172,13 @@ class MicroBatcher:
                     pending.append(queue.get_nowait())
                     continue
                 timeout = deadline - time.perf_counter()
-                if timeout <= 0:
+                if timeout <= 0 or len(pending) >= max(self.recent_sizes):
                     break
                 try:
                     pending.append(await asyncio.wait_for(queue.get(), timeout))
                 except TimeoutError:
                     break
+            self.recent_sizes.append(len(pending))
             await self._run(pending)
 
     async def _run(self, pending: list[tuple[list[str], asyncio.Future]]) -> None:
