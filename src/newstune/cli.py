@@ -335,7 +335,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     backend: Backend = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No access log, warnings only.")] = False,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 4.0,
+    max_wait_ms: Annotated[float, typer.Option(help="Most a batch waits for more requests (it stops once as full "
+                                                    "as the recent batches).")] = 4.0,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; one more gets 503 + Retry-After.")] = 256,
     workers: Annotated[int, typer.Option(help="Server processes, each with its own models and share of the "
                                               "cores.")] = 1,
