@@ -103,8 +103,10 @@ class EncodedDataset(Dataset):
 def pad_multiple(device: str) -> int:
     """Batch widths are rounded up to this: 8 on CUDA (tensor-core tiles), none on a CPU. Measured on AMD Zen 4
     (bf16, MiniLM forward + backward, batch 32, 2026-12-06): 57 tokens wide took 294 ms and 64 took 351 ms, 5.2
-    against 5.5 ms per token column, so rounding up to 8 only adds the padding's cost there (not yet measured on
-    AMX CPUs, whose bf16 tiles are 16 rows by 32 columns)."""
+    against 5.5 ms per token column, so rounding up to 8 only adds the padding's cost there. On an Intel Xeon with
+    AMX (bf16 tiles of 16 rows by 32 columns; 2026-12-06, `python benchmarks/pad_width.py`, widths 49-64) the step
+    grows with the width too (292 ms at 49, 394 ms at 64, 5.9-6.2 ms per column): rounding to 8 / 16 / 32 would cost
+    7% / 15% / 15% more per step there, so no multiple on any CPU measured."""
     return 8 if device.startswith("cuda") else 1
 
 
