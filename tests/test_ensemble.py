@@ -12,7 +12,16 @@ from newstune.config import EvalSettings, validate
 from newstune.data.registry import load_dataset
 from newstune.decisions import rule as decisions
 from newstune.decisions.baseline import choose_baseline, margins
-from newstune.decisions.ensemble import ENSEMBLE_DIR, LinearTextModel, fit_ensemble
+from newstune.decisions.ensemble import (
+    ENSEMBLE_DIR,
+    STACK_FILE,
+    LinearTextModel,
+    Stack,
+    cross_validate,
+    fit_ensemble,
+    pick_combiner,
+    stack_features,
+)
 from newstune.errors import NewstuneError
 from newstune.inference.predict import predict_file
 from newstune.reporting.report import evaluate_loaded
@@ -35,11 +44,32 @@ def hybrid(tiny_models, tiny_data, tmp_path_factory):
     return run_dir, metrics
 
 
+@pytest.fixture(scope="module")
+def stacked(tiny_models, tiny_data, tmp_path_factory):
+    """The same tiny run combined with the TF-IDF model by a stacked logistic layer."""
+    root = tmp_path_factory.mktemp("stacked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEWSTUNE_CACHE", str(root / "cache"))
+        config = tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1})
+        config["eval"].update(ensemble="tfidf", ensemble_combiner="logistic")
+        run_dir, metrics = train(validate(config), root / "run")
+    return run_dir, metrics
+
+
+def _copy(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("exports"))
+    return copy
+
+
 @pytest.fixture
 def fresh(hybrid, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(hybrid[0], copy, ignore=shutil.ignore_patterns("exports"))
-    return copy
+    return _copy(hybrid[0], tmp_path)
+
+
+@pytest.fixture
+def fresh_stacked(stacked, tmp_path):
+    return _copy(stacked[0], tmp_path)
 
 
 def test_the_blend_is_recorded_and_beats_the_weak_encoder(hybrid):
@@ -53,11 +83,14 @@ def test_the_blend_is_recorded_and_beats_the_weak_encoder(hybrid):
     assert [point["weight"] for point in blend["validation_curve"]][:2] == [0.0, 0.05]
 
 
-def test_evaluate_predict_serve_and_openvino_give_the_same_answers(fresh, tmp_path):
+@pytest.mark.parametrize("combiner", ["weighted", "logistic"])
+def test_evaluate_predict_serve_and_openvino_give_the_same_answers(combiner, request, tmp_path):
     # Fails when any consumer skips the blend: the encoder alone gives other probabilities (checked below).
     pytest.importorskip("openvino")
     from newstune.inference.backend_export import export_backend
 
+    fresh = request.getfixturevalue("fresh" if combiner == "weighted" else "fresh_stacked")
+    assert load_run(fresh).ensemble.combiner == combiner
     run = load_run(fresh)
     bundle = load_dataset(run.config.data, run.config.train.seed)
     stored = json.loads((fresh / "metrics.json").read_text())["test"]
@@ -100,17 +133,125 @@ def test_a_tampered_or_missing_ensemble_file_is_one_line(fresh, tamper, message)
     assert "\n" not in str(err.value)
 
 
-def test_the_weight_is_fitted_without_the_test_split(tiny_data):
-    # Fails when the weight, temperatures or baseline settings read test rows: scrambled test labels change nothing.
+@pytest.mark.parametrize("combiner", ["weighted", "logistic", "auto"])
+def test_the_weight_is_fitted_without_the_test_split(tiny_data, combiner):
+    # Fails when the weight, temperatures, the cross-validated choice or the logistic layer read test rows:
+    # scrambled test labels change nothing.
     config = validate(tiny_config(tiny_data, tiny_data)).data
     bundle = load_dataset(config, 7)
     encoder = np.random.default_rng(0).normal(size=(len(bundle.splits["validation"].texts), 3))
-    first, report = fit_ensemble(bundle, encoder, "macro_f1", EvalSettings())
+    settings = EvalSettings(ensemble_combiner=combiner)
+    first, report = fit_ensemble(bundle, encoder, "macro_f1", settings)
     test = bundle.splits["test"]
     bundle.splits["test"] = replace(test, labels=list(np.roll(test.labels, 1)), texts=list(reversed(test.texts)))
-    second, again = fit_ensemble(bundle, encoder, "macro_f1", EvalSettings())
+    second, again = fit_ensemble(bundle, encoder, "macro_f1", settings)
     assert report["validation_curve"] == again["validation_curve"]
+    assert report.get("cross_validation") == again.get("cross_validation")
     assert (first.weight, first.encoder_temperature) == (second.weight, second.encoder_temperature)
+    if first.stack is not None:
+        assert np.allclose(first.stack.coef, second.stack.coef, rtol=1e-3, atol=1e-6)  # lbfgs: last digits vary
+    if combiner == "auto":  # the choice is the cross-validation's best, never a fixed one
+        table = report["cross_validation"]["mean_macro_f1"]
+        assert set(table) == {"weighted", "logistic C=0.01", "logistic C=0.1", "logistic C=1", "logistic C=10"}
+        assert first.combiner == pick_combiner(table)[0]
+
+
+def _disagreeing_models(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three classes; the encoder calls class 2 rows class 0 with confidence, the baseline calls class 0 rows class 1:
+    each is right where the other is wrong, in a way no single weight can mix but a per-class layer can."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat([0, 1, 2], n_per_class)
+    encoder_says, baseline_says = np.array([0, 1, 0])[truth], np.array([1, 1, 2])[truth]
+    encoder = 4.0 * np.eye(3)[encoder_says] + rng.normal(size=(len(truth), 3))
+    baseline = 4.0 * np.eye(3)[baseline_says] + rng.normal(size=(len(truth), 3))
+    return encoder, baseline, truth
+
+
+def test_cross_validation_prefers_the_logistic_layer_where_one_weight_cannot_mix_the_models():
+    # Fails when the held-out folds are scored with the wrong candidate, when the logistic layer ignores one model,
+    # or when `pick_combiner` does not take the best cross-validated candidate.
+    encoder, baseline, truth = _disagreeing_models(60, 0)
+    linear = LinearTextModel(None, np.zeros((3, 1)), np.zeros(3))
+    table = cross_validate(encoder, baseline, truth, linear, ["a", "b", "c"], "accuracy", EvalSettings())
+    assert table["weighted"] < 0.8, "one weight trusts the encoder on class 0 rows or the baseline on class 2 rows"
+    assert max(v for k, v in table.items() if k != "weighted") > 0.95
+    assert pick_combiner(table)[0] == "logistic"
+
+
+def test_ties_go_to_the_weighted_sum_then_the_smallest_c():
+    # Fails when a tie picks the candidate with more parameters.
+    assert pick_combiner({"weighted": 0.9, "logistic C=0.01": 0.9, "logistic C=1": 0.9}) == ("weighted", None)
+    assert pick_combiner({"logistic C=10": 0.9, "logistic C=0.1": 0.9, "logistic C=1": 0.8}) == ("logistic", 0.1)
+
+
+def test_a_logistic_layer_never_predicts_a_class_its_rows_lacked():
+    # Fails when a class missing from the fitting rows shifts the others' rows or gets a usable score.
+    encoder, baseline, truth = _disagreeing_models(30, 1)
+    keep = truth != 2
+    stack = Stack.fit(stack_features(encoder[keep], baseline[keep], 1.0, 1.0), truth[keep], 3, 1.0)
+    logits = stack.logits(stack_features(encoder, baseline, 1.0, 1.0))
+    assert logits.shape == (len(truth), 3) and 2 not in logits.argmax(1)
+    assert (logits.argmax(1)[keep] == truth[keep]).mean() > 0.9
+
+
+def test_a_multi_label_run_refuses_the_logistic_layer_in_one_line(multi_label_hybrid):
+    # Fails when a multi-label run silently fits a softmax layer across its independent labels.
+    root = multi_label_hybrid[0]
+    config = validate(tiny_config(root, root))
+    config.data.multi_label = True
+    bundle = load_dataset(config.data, 7)
+    encoder = np.zeros((len(bundle.splits["validation"].texts), 3))
+    with pytest.raises(NewstuneError, match="logistic is for single-label runs") as err:
+        fit_ensemble(bundle, encoder, "micro_f1", EvalSettings(ensemble_combiner="logistic"))
+    assert "\n" not in str(err.value)
+    assert fit_ensemble(bundle, encoder, "micro_f1", EvalSettings(ensemble_combiner="auto"))[0].combiner == "weighted"
+
+
+def _decision_with(run, **ensemble):
+    decision = json.loads((run / "decision.json").read_text())
+    decision["ensemble"] = {**decision["ensemble"], **ensemble}
+    (run / "decision.json").write_text(json.dumps(decision))
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (lambda run: (run / ENSEMBLE_DIR / STACK_FILE).unlink(), "stack.safetensors: missing"),
+    (lambda run: (run / ENSEMBLE_DIR / STACK_FILE).write_bytes(b"\x00" * 20), "unreadable"),
+    (lambda run: _decision_with(run, weight=0.3), "a logistic ensemble has no weight"),
+    (lambda run: _decision_with(run, combiner="magic"), "ensemble combiner must be one of"),
+])
+def test_a_tampered_or_missing_logistic_layer_is_one_line(fresh_stacked, tamper, message):
+    tamper(fresh_stacked)
+    with pytest.raises(NewstuneError, match=message) as err:
+        load_run(fresh_stacked)
+    assert "\n" not in str(err.value)
+
+
+def test_a_logistic_layer_of_the_wrong_shape_is_one_line(fresh_stacked):
+    from safetensors.numpy import save_file
+
+    save_file({"coef": np.zeros((3, 4)), "intercept": np.zeros(3), "C": np.ones(1)},
+              str(fresh_stacked / ENSEMBLE_DIR / STACK_FILE))
+    with pytest.raises(NewstuneError, match="does not fit 3 labels"):
+        load_run(fresh_stacked)
+
+
+def test_a_run_from_before_the_combiner_key_still_loads_as_a_weighted_sum(fresh):
+    # Fails when the decision file of a run shared before the logistic layer existed is refused.
+    decision = json.loads((fresh / "decision.json").read_text())
+    assert decision["ensemble"].pop("combiner") == "weighted"
+    (fresh / "decision.json").write_text(json.dumps(decision))
+    run = load_run(fresh)
+    assert run.ensemble.combiner == "weighted" and run.ensemble.weight == decision["ensemble"]["weight"]
+
+
+def test_a_weighted_refit_removes_the_logistic_layer(fresh_stacked):
+    # Fails when re-fitting a stacked run as a weighted sum leaves the old layer file behind in the run folder.
+    from newstune.training.calibrate import calibrate_run
+
+    assert (fresh_stacked / ENSEMBLE_DIR / STACK_FILE).is_file()
+    calibrate_run(fresh_stacked, combiner="weighted")
+    assert load_run(fresh_stacked).ensemble.combiner == "weighted"
+    assert not (fresh_stacked / ENSEMBLE_DIR / STACK_FILE).exists()
 
 
 def test_the_saved_linear_model_scores_like_the_fitted_one(tiny_data, tmp_path):

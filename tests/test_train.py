@@ -291,6 +291,8 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     result = cli("evaluate", str(tmp_path), cwd=tmp_path)
     assert result.returncode != 0 and "not a newstune run directory" in result.stderr
+    result = cli("ensemble", str(tmp_path), "--combiner", "stacked", cwd=tmp_path)
+    assert result.returncode != 0 and "--combiner stacked: choose weighted, logistic or auto" in result.stderr
 
 
 def test_threshold_tuning_finds_the_separating_point():

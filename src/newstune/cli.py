@@ -252,15 +252,21 @@ def ensemble(
     run: Annotated[Path, typer.Argument(help="Run directory (a finished run).")],
     method: Annotated[str, typer.Option(help="tfidf (blend with the run's TF-IDF baseline) or none (drop the "
                                              "blend).")] = "tfidf",
+    combiner: Annotated[str | None, typer.Option(help="weighted (a weighted sum of log-probabilities), logistic (a "
+                                                      "stacked logistic layer) or auto (the better by cross-validation "
+                                                      "on validation); default: the run's eval.ensemble_combiner.")
+                        ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Blend a finished run with its TF-IDF baseline (weight chosen on validation); the old metrics.json is kept."""
+    """Blend a finished run with its TF-IDF baseline (fitted on validation); the old metrics.json is kept."""
     from newstune.rundir.run import read_labels
     from newstune.training.calibrate import calibrate_run
 
     if method not in ("tfidf", "none"):
         raise NewstuneError(f"--method {method}: choose tfidf or none")
-    result = calibrate_run(run, data_dir=data_dir, ensemble=method)
+    if combiner not in (None, "weighted", "logistic", "auto"):
+        raise NewstuneError(f"--combiner {combiner}: choose weighted, logistic or auto")
+    result = calibrate_run(run, data_dir=data_dir, ensemble=method, combiner=combiner)
     show_metrics(result["metrics"], read_labels(run), str(run))
     typer.echo(json.dumps({"ensemble": {k: v for k, v in result["metrics"].get("ensemble", {}).items()
                                         if k != "validation_curve"},

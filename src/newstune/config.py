@@ -204,6 +204,10 @@ class EvalSettings(_Section):
         "none", description="tfidf: blend the encoder with the run's TF-IDF baseline (log-probabilities, weight and "
         "temperatures chosen on validation; multi-label: each label's log-odds) as part of the decision rule that "
         "evaluate, predict and serve apply.")
+    ensemble_combiner: Literal["weighted", "logistic", "auto"] = Field(
+        "weighted", description="How eval.ensemble combines the two models: weighted (a weighted sum of "
+        "log-probabilities), logistic (a stacked logistic layer over both, single-label runs) or auto (whichever "
+        "scores best by cross-validation on validation).")
     latency_samples: int = Field(30, ge=0, description="Single-text forwards timed for the latency figure.")
     test: bool = Field(True, description="Evaluate the test split at the end (sweeps select on validation only).")
     test_curve: bool = Field(False, description="Also evaluate the test split at each validation evaluation, logged as "

@@ -1,12 +1,17 @@
 """The hybrid: the encoder blended with the run's TF-IDF baseline, as part of the run's decision rule.
 
-Both models' logits become log-probabilities at their own temperature (fitted on validation) and are mixed as
-(1 - w) * encoder + w * baseline, with w chosen on validation by the run's selection metric, each candidate scored
-with the run's own decision rule fitted on validation (`tuning.fit_decision`); test is never read. Multi-label runs
-(one-vs-rest baseline, a sigmoid per label) mix each label's temperature-scaled log-odds the same way, and their
-per-label thresholds are then fitted on the blend. A weighted sum
-of log-probabilities has one parameter to fit on the ~1,300-1,700 validation rows; a stacked logistic layer (the
-issue's other candidate) has not been measured against it yet.
+Both models' logits become log-probabilities at their own temperature (fitted on validation). `eval.ensemble_combiner`
+picks how they are combined:
+- `weighted` (the default): (1 - w) * encoder + w * baseline, with w chosen on validation by the run's selection
+  metric, each candidate scored with the run's own decision rule fitted on validation (`tuning.fit_decision`).
+  Multi-label runs (one-vs-rest baseline, a sigmoid per label) mix each label's temperature-scaled log-odds the same
+  way, and their per-label thresholds are then fitted on the blend.
+- `logistic`: a stacked logistic layer (scikit-learn's `LogisticRegression`) over both models' log-probabilities,
+  2 x classes inputs, its regularisation C chosen by cross-validation on validation. Single-label runs only.
+- `auto`: whichever of the two (and which C) scores best by 5-fold cross-validation on validation, repeated 3
+  times; ties go to `weighted`, the one with fewer parameters.
+Test is never read. The cross-validation is written here rather than with `GridSearchCV` because each candidate is
+scored through the run's own decision rule refitted on the training folds, which a scikit-learn scorer cannot do.
 
 The linear model is saved in the run folder without pickle: `ensemble/vocabulary.json` (each TF-IDF view's settings
 and vocabulary) and `ensemble/weights.safetensors` (idf vectors, coefficients, intercepts); `decision.json` holds
@@ -18,6 +23,7 @@ and idf is scikit-learn's own transform, tested to give the same matrix).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +32,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from scipy.special import log_softmax
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import FeatureUnion
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from newstune.config import EvalSettings
 from newstune.data.registry import DatasetBundle
@@ -41,12 +52,16 @@ from newstune.decisions.baseline import (
 )
 from newstune.decisions.calibration import fit_temperature
 from newstune.decisions.metrics import classification_metrics
+from newstune.decisions.rule import Decision, labels, probabilities
 from newstune.decisions.tuning import fit_decision
 from newstune.errors import NewstuneError
 
 ENSEMBLE_DIR = "ensemble"
 VOCABULARY_FILE = "vocabulary.json"
 WEIGHTS_FILE = "weights.safetensors"
+STACK_FILE = "stack.safetensors"
+STACK_C = (0.01, 0.1, 1.0, 10.0)
+CV_FOLDS, CV_REPEATS = 5, 3
 WEIGHTS = [round(w, 2) for w in np.linspace(0, 1, 21)]
 VIEW_KEYS = ("analyzer", "ngram_range", "sublinear_tf", "lowercase")
 
@@ -141,22 +156,81 @@ class LinearTextModel:
 
 
 @dataclass
+class Stack:
+    """The stacked logistic layer: logits = [encoder, baseline log-probabilities] @ coef.T + intercept."""
+
+    coef: np.ndarray  # (outputs, 2 * classes); binary runs have one output, the log-odds of class 1
+    intercept: np.ndarray  # (outputs,)
+    c: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, truth: np.ndarray, n_classes: int, c: float) -> Stack:
+        """Fitted on standardised features (lbfgs converges in ~100 steps instead of failing at 2,000 on raw
+        log-probabilities), then folded back so that `logits` reads the raw ones."""
+        present = np.unique(truth).astype(int)
+        if len(present) < 2:  # one class in these rows: a constant prediction of it
+            coef = np.zeros((1 if n_classes == 2 else n_classes, features.shape[1]))
+            intercept = (np.array([20.0 if present[0] == 1 else -20.0]) if n_classes == 2
+                         else np.where(np.arange(n_classes) == present[0], 0.0, -20.0))
+            return cls(coef, intercept, c)
+        scaler = StandardScaler().fit(features)
+        # one BLAS thread: with torch's OpenMP runtime loaded, two threads made this fit ~30x slower on 2 cores
+        with threadpool_limits(1):
+            model = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(features), truth)
+        raw_coef = model.coef_ / scaler.scale_
+        raw_intercept = model.intercept_ - raw_coef @ scaler.mean_
+        if n_classes == 2:
+            return cls(raw_coef.astype(np.float64), raw_intercept.astype(np.float64), c)
+        coef, intercept = np.zeros((n_classes, features.shape[1])), np.zeros(n_classes)
+        if len(present) == 2:  # scikit-learn fits one row for two classes: class b's log-odds over class a
+            coef[present[1]], intercept[present[1]] = raw_coef[0], raw_intercept[0]
+        else:
+            coef[present], intercept[present] = raw_coef, raw_intercept
+        # a class absent from these rows (a rare class, a cross-validation fold) is never predicted
+        intercept[np.setdiff1d(np.arange(n_classes), present)] = intercept[present].min() - 20.0
+        return cls(coef, intercept, c)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        scores = features @ self.coef.T + self.intercept
+        if scores.shape[1] == 1:  # binary: [0, log-odds], as the encoder's two logits
+            scores = np.hstack([np.zeros_like(scores), scores])
+        return scores.astype(np.float32)
+
+
+def stack_features(encoder: np.ndarray, baseline: np.ndarray, t_encoder: float, t_baseline: float) -> np.ndarray:
+    """What the logistic layer reads: both models' temperature-scaled log-probabilities, side by side."""
+    return np.hstack([log_softmax(np.asarray(encoder, dtype=np.float64) / t_encoder, axis=1),
+                      log_softmax(np.asarray(baseline, dtype=np.float64) / t_baseline, axis=1)])
+
+
+@dataclass
 class Ensemble:
-    """The blend the run's decision rule starts from: encoder and baseline log-probabilities, mixed."""
+    """The blend the run's decision rule starts from: encoder and baseline log-probabilities, combined."""
 
     linear: LinearTextModel
-    weight: float
+    weight: float | None  # the weighted sum's baseline weight; None with a logistic layer
     encoder_temperature: float
     baseline_temperature: float
+    stack: Stack | None = None
 
     def combine(self, encoder_logits: np.ndarray, texts: list[str]) -> np.ndarray:
-        return mix(encoder_logits, self.linear.logits(texts), self.weight, self.encoder_temperature,
-                   self.baseline_temperature, self.linear.multi_label)
+        return self.combine_logits(encoder_logits, self.linear.logits(texts))
+
+    def combine_logits(self, encoder: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+        if self.stack is not None:
+            return self.stack.logits(stack_features(encoder, baseline, self.encoder_temperature,
+                                                    self.baseline_temperature))
+        return mix(encoder, baseline, self.weight, self.encoder_temperature, self.baseline_temperature,
+                   self.linear.multi_label)
+
+    @property
+    def combiner(self) -> str:
+        return "weighted" if self.stack is None else "logistic"
 
     def settings(self) -> dict:
-        """What decision.json holds about the blend."""
-        return {"method": "tfidf", "weight": self.weight, "encoder_temperature": self.encoder_temperature,
-                "baseline_temperature": self.baseline_temperature}
+        """What decision.json holds about the blend (a logistic layer's weights are in ensemble/stack.safetensors)."""
+        return {"method": "tfidf", "combiner": self.combiner, "weight": self.weight,
+                "encoder_temperature": self.encoder_temperature, "baseline_temperature": self.baseline_temperature}
 
 
 def mix(encoder: np.ndarray, baseline: np.ndarray, weight: float, t_encoder: float, t_baseline: float,
@@ -172,25 +246,108 @@ def mix(encoder: np.ndarray, baseline: np.ndarray, weight: float, t_encoder: flo
 
 def fit_ensemble(bundle: DatasetBundle, encoder_validation: np.ndarray, metric: str, settings: EvalSettings,
                  chosen: ChosenBaseline | None = None) -> tuple[Ensemble, dict]:
-    """The baseline chosen as in every run (or `chosen`, that choice already made), the temperatures and the weight,
-    all on validation only."""
+    """The baseline chosen as in every run (or `chosen`, that choice already made), the temperatures, the combiner
+    and its weight(s), all on validation only."""
     multi_label = bool(bundle.info.get("multi_label"))
+    combiner = settings.ensemble_combiner
+    if combiner == "logistic" and multi_label:
+        raise NewstuneError("eval.ensemble_combiner: logistic is for single-label runs; a multi-label run blends "
+                            "label by label: use weighted (or auto)")
     chosen = chosen or choose_baseline(bundle, metric, settings)
     truth = np.asarray(bundle.splits["validation"].labels)
     baseline_validation = chosen.validation_logits
-    t_enc = float(fit_temperature(encoder_validation, truth, multi_label))
-    t_lin = float(fit_temperature(baseline_validation, truth, multi_label))
-    curve = []
-    for weight in WEIGHTS:
-        blended = mix(encoder_validation, baseline_validation, weight, t_enc, t_lin, multi_label)
-        decision = fit_decision(truth, blended, settings, multi_label)
-        curve.append({"weight": weight, metric: selection_score(
-            classification_metrics(truth, blended, bundle.label_names, decision), metric)})
-    best = max(curve, key=lambda point: (point[metric], -point["weight"]))  # ties: the smaller baseline weight
-    ensemble = Ensemble(LinearTextModel.from_chosen(chosen), best["weight"], t_enc, t_lin)
+    linear = LinearTextModel.from_chosen(chosen)
+    cv, c = None, None
+    if multi_label:
+        combiner = "weighted"  # auto: the label-by-label weighted sum is the one combiner multi-label runs have
+    elif combiner != "weighted":
+        cv = cross_validate(encoder_validation, baseline_validation, truth, linear, bundle.label_names, metric,
+                            settings, with_weighted=combiner == "auto")
+        combiner, c = pick_combiner(cv)
+    ensemble, curve = _fit(combiner, encoder_validation, baseline_validation, truth, linear, bundle.label_names,
+                           metric, settings, c)
     report = {**ensemble.settings(), "chosen_by": f"validation {metric}", "validation_curve": curve,
               "baseline": {"C": chosen.c, "class_weight": chosen.class_weight or "none"}}
+    if cv is not None:
+        report["cross_validation"] = {"folds": CV_FOLDS, "repeats": CV_REPEATS, "mean_" + metric: cv}
+    if ensemble.stack is not None:
+        report["stack_C"] = ensemble.stack.c
     return ensemble, report
+
+
+def pick_combiner(cv: dict[str, float]) -> tuple[str, float | None]:
+    """The best cross-validated candidate; ties go to the weighted sum, then to the smaller C (fewer effective
+    parameters)."""
+    pick = max(cv, key=lambda name: (cv[name], name == "weighted", -_stack_c(name)))
+    return ("weighted", None) if pick == "weighted" else ("logistic", _stack_c(pick))
+
+
+def _stack_c(name: str) -> float:
+    return float(name.split("C=")[1]) if name.startswith("logistic") else 0.0
+
+
+def _fit(combiner: str, encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray, linear: LinearTextModel,
+         label_names: list[str], metric: str, settings: EvalSettings, c: float | None = None,
+         temperatures: tuple[float, float] | None = None) -> tuple[Ensemble, list[dict]]:
+    """One combiner fitted on these rows; the weighted sum's weight by the selection metric under the run's
+    decision rule (its curve returned), the logistic layer at C (None: the default 1.0)."""
+    multi_label = linear.multi_label
+    t_enc, t_lin = temperatures or _temperatures(encoder, baseline, truth, multi_label)
+    if combiner == "logistic":
+        stack = Stack.fit(stack_features(encoder, baseline, t_enc, t_lin), truth, len(label_names),
+                          1.0 if c is None else c)
+        return Ensemble(linear, None, t_enc, t_lin, stack), []
+    curve = []
+    for weight in WEIGHTS:
+        blended = mix(encoder, baseline, weight, t_enc, t_lin, multi_label)
+        curve.append({"weight": weight, metric: _score(truth, blended, label_names, metric,
+                                                       fit_decision(truth, blended, settings, multi_label))})
+    best = max(curve, key=lambda point: (point[metric], -point["weight"]))  # ties: the smaller baseline weight
+    return Ensemble(linear, best["weight"], t_enc, t_lin), curve
+
+
+def _temperatures(encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray, multi_label: bool
+                  ) -> tuple[float, float]:
+    return (float(fit_temperature(encoder, truth, multi_label)), float(fit_temperature(baseline, truth, multi_label)))
+
+
+def _score(truth: np.ndarray, logits: np.ndarray, label_names: list[str], metric: str, decision: Decision) -> float:
+    if metric in ("accuracy", "macro_f1") and not decision.multi_label:  # the two figures alone, ~10x faster
+        decided = labels(probabilities(logits, decision), decision)
+        if metric == "accuracy":
+            return float(np.mean(decided == truth))
+        return float(f1_score(truth, decided, labels=list(range(len(label_names))), average="macro",
+                              zero_division=0))
+    return selection_score(classification_metrics(truth, logits, label_names, decision), metric)
+
+
+def cross_validate(encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray, linear: LinearTextModel,
+                   label_names: list[str], metric: str, settings: EvalSettings, with_weighted: bool = True
+                   ) -> dict[str, float]:
+    """Mean held-out selection metric of each candidate combiner over stratified folds of the validation rows:
+    each fitted on the other folds, its decision rule too. Class-bias tuning is left out here (it would cost
+    minutes per candidate) and applies to the final fit as configured; so is calibration unless the metric is the
+    loss (a temperature does not move an argmax, and the threshold grid moves little)."""
+    settings = settings.model_copy(update={"tune_class_bias": False,
+                                           **({} if metric == "loss" else {"calibration": "none"})})
+    names = (["weighted"] if with_weighted else []) + [f"logistic C={c:g}" for c in STACK_C]
+    scores: dict[str, list[float]] = {name: [] for name in names}
+    folds = max(2, min(CV_FOLDS, int(np.bincount(truth).max())))
+    for repeat in range(CV_REPEATS):
+        with warnings.catch_warnings():  # a class rarer than the folds lands in some of them only: that is fine
+            warnings.simplefilter("ignore", UserWarning)
+            splits = list(StratifiedKFold(folds, shuffle=True, random_state=repeat).split(encoder, truth))
+        for train, held in splits:
+            temperatures = _temperatures(encoder[train], baseline[train], truth[train], False)
+            for name in names:
+                fitted, _ = _fit("logistic" if name != "weighted" else "weighted", encoder[train],
+                                 baseline[train], truth[train], linear, label_names, metric, settings,
+                                 _stack_c(name) or None, temperatures)
+                decision = fit_decision(truth[train], fitted.combine_logits(encoder[train], baseline[train]),
+                                        settings, False)
+                scores[name].append(_score(truth[held], fitted.combine_logits(encoder[held], baseline[held]),
+                                           label_names, metric, decision))
+    return {name: round(float(np.mean(values)), 6) for name, values in scores.items()}
 
 
 def encoder_alone(labels: dict[str, np.ndarray], encoder: dict[str, np.ndarray], label_names: list[str],
@@ -202,9 +359,36 @@ def encoder_alone(labels: dict[str, np.ndarray], encoder: dict[str, np.ndarray],
 
 
 def save_ensemble(run_dir: Path, ensemble: Ensemble) -> None:
-    ensemble.linear.save(run_dir / ENSEMBLE_DIR)
+    folder = run_dir / ENSEMBLE_DIR
+    ensemble.linear.save(folder)
+    if ensemble.stack is None:
+        (folder / STACK_FILE).unlink(missing_ok=True)  # a weighted refit leaves no stale layer behind
+        return
+    save_file({"coef": np.ascontiguousarray(ensemble.stack.coef),
+               "intercept": np.ascontiguousarray(ensemble.stack.intercept),
+               "C": np.array([ensemble.stack.c])}, str(folder / STACK_FILE))
 
 
 def load_ensemble(run_dir: Path, settings: dict, n_labels: int, multi_label: bool = False) -> Ensemble:
     linear = LinearTextModel.load(run_dir / ENSEMBLE_DIR, n_labels, multi_label)
-    return Ensemble(linear, settings["weight"], settings["encoder_temperature"], settings["baseline_temperature"])
+    stack = None
+    if settings.get("combiner", "weighted") == "logistic":
+        stack = _load_stack(run_dir / ENSEMBLE_DIR / STACK_FILE, n_labels)
+    return Ensemble(linear, settings["weight"], settings["encoder_temperature"], settings["baseline_temperature"],
+                    stack)
+
+
+def _load_stack(path: Path, n_labels: int) -> Stack:
+    fix = "the run's ensemble files were changed or damaged: restore them, or re-fit with `newstune ensemble RUN`"
+    if not path.is_file():
+        raise NewstuneError(f"{path}: missing, but decision.json combines with a logistic layer; {fix}")
+    try:
+        tensors = load_file(str(path))
+        coef, intercept, c = tensors["coef"], tensors["intercept"], tensors["C"]
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise NewstuneError(f"{path}: unreadable ({err.__class__.__name__}); {fix}") from None
+    outputs = 1 if n_labels == 2 else n_labels
+    if coef.shape != (outputs, 2 * n_labels) or intercept.shape != (outputs,) or c.shape != (1,) or not (
+            np.isfinite(coef).all() and np.isfinite(intercept).all()):
+        raise NewstuneError(f"{path}: a logistic layer of shape {coef.shape} does not fit {n_labels} labels; {fix}")
+    return Stack(coef.astype(np.float64), intercept.astype(np.float64), float(c[0]))

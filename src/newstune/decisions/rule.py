@@ -14,6 +14,7 @@ import numpy as np
 from newstune.errors import NewstuneError
 
 ENSEMBLE_KEYS = ("method", "weight", "encoder_temperature", "baseline_temperature")
+ENSEMBLE_COMBINERS = ("weighted", "logistic")  # runs written before the logistic layer have no combiner: weighted
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Decision:
     calibration: str = "none"  # how the temperature was fitted: none, temperature or vector
     logit_bias: list[float] | None = None  # vector scaling: added to logits / temperature
     # eval.ensemble: the logits above are the encoder blended with the run's TF-IDF model (newstune.decisions.ensemble):
-    # {"method": "tfidf", "weight", "encoder_temperature", "baseline_temperature"}
+    # {"method": "tfidf", "combiner", "weight", "encoder_temperature", "baseline_temperature"}
     ensemble: dict | None = None
 
     def to_dict(self) -> dict:
@@ -84,9 +85,16 @@ def _problem(data: dict) -> str | None:
         return f"multi_label must be true or false (got {data.get('multi_label')!r})"
     ensemble = data.get("ensemble")
     if ensemble is not None:
-        if not (isinstance(ensemble, dict) and set(ensemble) == set(ENSEMBLE_KEYS) and ensemble["method"] == "tfidf"):
-            return f"ensemble must be an object with keys {list(ENSEMBLE_KEYS)} and method 'tfidf' (got {ensemble!r})"
-        if not (_finite(ensemble["weight"]) and 0 <= ensemble["weight"] <= 1):
+        if not (isinstance(ensemble, dict) and set(ensemble) - {"combiner"} == set(ENSEMBLE_KEYS)
+                and ensemble["method"] == "tfidf"):
+            return (f"ensemble must be an object with keys {list(ENSEMBLE_KEYS)} (and a combiner) and method 'tfidf' "
+                    f"(got {ensemble!r})")
+        combiner = ensemble.get("combiner", "weighted")
+        if combiner not in ENSEMBLE_COMBINERS:
+            return f"ensemble combiner must be one of {list(ENSEMBLE_COMBINERS)} (got {combiner!r})"
+        if combiner == "logistic" and ensemble["weight"] is not None:
+            return f"a logistic ensemble has no weight: null expected (got {ensemble['weight']!r})"
+        if combiner == "weighted" and not (_finite(ensemble["weight"]) and 0 <= ensemble["weight"] <= 1):
             return f"ensemble weight must be between 0 and 1 (got {ensemble['weight']!r})"
         for key in ("encoder_temperature", "baseline_temperature"):
             if not (_finite(ensemble[key]) and ensemble[key] > 0):

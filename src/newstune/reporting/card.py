@@ -73,8 +73,10 @@ def intended_use(config: RunConfig, decision: Decision) -> list[str]:
                   f"Probabilities are calibrated on the validation split ({decision.calibration} scaling), so they are "
                   "meant to be read as probabilities on data like the training data.")
     blend = decision.ensemble
+    how = "" if not blend else (f"baseline weight {blend['weight']:.2f}" if blend["weight"] is not None
+                                else "combined by a stacked logistic layer")
     blended = (f" The probabilities come from the encoder blended with a TF-IDF linear model saved in the run's "
-               f"`ensemble/` folder (baseline weight {blend['weight']:.2f}, chosen on validation); this model folder "
+               f"`ensemble/` folder ({how}, chosen on validation); this model folder "
                "alone gives the encoder's answers, not the run's." if blend else "")
     return ["## Intended use", "",
             f"{purpose[0].upper()}{purpose[1:]}. Trained with newstune; the label is {rule}.{blended} {calibrated} "

@@ -44,17 +44,19 @@ def keep_previous(run_dir: Path) -> Path | None:
 
 
 def calibrate_run(run_dir: Path, method: str | None = None, tune_class_bias: bool | None = None,
-                  data_dir: Path | None = None, ensemble: str | None = None) -> dict:
+                  data_dir: Path | None = None, ensemble: str | None = None, combiner: str | None = None) -> dict:
     """Refit on validation (never test), evaluate validation, test and holdout with the new rule, write everything.
 
     ensemble: "tfidf" fits the blend with the TF-IDF model (`newstune ensemble RUN`), "none" drops it, None keeps
-    what the run has (and refits its weight)."""
+    what the run has (and refits its weight). combiner: weighted, logistic or auto (None: the run's
+    eval.ensemble_combiner)."""
     run = load_run(Path(run_dir))
     if not (run.run_dir / METRICS_FILE).is_file():
         raise NewstuneError(f"{run.run_dir} has no metrics.json (training did not finish); finish it first: "
                             f"newstune train --resume {run.run_dir}")
     settings = run.config.eval.model_copy(update={k: v for k, v in (("calibration", method),
-                                                                     ("tune_class_bias", tune_class_bias))
+                                                                     ("tune_class_bias", tune_class_bias),
+                                                                     ("ensemble_combiner", combiner))
                                                   if v is not None})
     data = run.config.data if data_dir is None else run.config.data.model_copy(update={"dir": data_dir})
     bundle = load_dataset(data, run.config.train.seed)

@@ -76,12 +76,15 @@ def blended(logits: np.ndarray, texts: list[str], ensemble: Ensemble | None) -> 
 
 def ensemble_step(trained: TrainedModel, val_encoder: np.ndarray,
                   chosen: ChosenBaseline) -> tuple[Ensemble, dict]:
-    """eval.ensemble: the TF-IDF model, temperatures and blend weight, all chosen on validation."""
+    """eval.ensemble: the TF-IDF model, temperatures and combiner (weight or logistic layer), all chosen on
+    validation."""
     start = time.perf_counter()
     ensemble, report = fit_ensemble(trained.bundle, val_encoder, trained.config.train.metric, trained.config.eval,
                                     chosen)
     report["fit_seconds"] = time.perf_counter() - start
-    log.info("ensemble: baseline weight %.2f chosen on validation (%.1f s)", ensemble.weight, report["fit_seconds"])
+    chosen_rule = (f"baseline weight {ensemble.weight:.2f}" if ensemble.stack is None
+                   else f"logistic layer, C {ensemble.stack.c:g}")
+    log.info("ensemble: %s chosen on validation (%.1f s)", chosen_rule, report["fit_seconds"])
     return ensemble, report
 
 
