@@ -14,8 +14,9 @@ Test is never read. The cross-validation is written here rather than with `GridS
 scored through the run's own decision rule refitted on the training folds, which a scikit-learn scorer cannot do.
 
 The linear model is saved in the run folder without pickle: `ensemble/vocabulary.json` (each TF-IDF view's settings
-and vocabulary) and `ensemble/weights.safetensors` (idf vectors, coefficients, intercepts); `decision.json` holds
-the weight and the temperatures. Both are validated on load like every run file. scikit-learn fits the vectorisers
+and vocabulary) and `ensemble/weights.safetensors` (idf vectors, coefficients, intercepts), a logistic layer as
+`ensemble/stack.safetensors`; `decision.json` holds the combiner, the weight and the temperatures. All are validated
+on load like every run file. scikit-learn fits the vectorisers
 and the LinearSVC; what is written by hand is only their transport (a `TfidfVectorizer` rebuilt from its vocabulary
 and idf is scikit-learn's own transform, tested to give the same matrix).
 """
