@@ -184,14 +184,43 @@ def test_ties_go_to_the_weighted_sum_then_the_smallest_c():
     assert pick_combiner({"logistic C=10": 0.9, "logistic C=0.1": 0.9, "logistic C=1": 0.8}) == ("logistic", 0.1)
 
 
-def test_a_logistic_layer_never_predicts_a_class_its_rows_lacked():
-    # Fails when a class missing from the fitting rows shifts the others' rows or gets a usable score.
-    encoder, baseline, truth = _disagreeing_models(30, 1)
-    keep = truth != 2
-    stack = Stack.fit(stack_features(encoder[keep], baseline[keep], 1.0, 1.0), truth[keep], 3, 1.0)
-    logits = stack.logits(stack_features(encoder, baseline, 1.0, 1.0))
-    assert logits.shape == (len(truth), 3) and 2 not in logits.argmax(1)
-    assert (logits.argmax(1)[keep] == truth[keep]).mean() > 0.9
+@pytest.mark.parametrize("dropped", [0, 1])
+def test_a_logistic_layer_never_predicts_a_class_its_rows_lacked(dropped):
+    # Fails when the rows of the classes present are put in place by position instead of by class (dropping class
+    # 0 or a middle class shifts them), or when the missing class gets a usable score.
+    rng = np.random.default_rng(dropped)
+    truth = np.repeat([0, 1, 2, 3], 40)
+    encoder = 4.0 * np.eye(4)[truth] + rng.normal(size=(len(truth), 4))
+    baseline = 4.0 * np.eye(4)[truth] + rng.normal(size=(len(truth), 4))
+    for n_present in (3, 2):  # the multinomial branch, then scikit-learn's one-row two-class branch
+        keep = (truth != dropped) & (truth < n_present + 1)
+        stack = Stack.fit(stack_features(encoder[keep], baseline[keep], 1.0, 1.0), truth[keep], 4, 1.0)
+        logits = stack.logits(stack_features(encoder, baseline, 1.0, 1.0))
+        assert logits.shape == (len(truth), 4) and dropped not in logits.argmax(1)
+        assert (logits.argmax(1)[keep] == truth[keep]).mean() > 0.9
+
+
+def test_a_binary_logistic_layer_is_the_log_odds_of_class_1_and_saves_as_it_scores(tmp_path):
+    # Fails when the binary layer's sign or its [0, log-odds] layout is wrong (probabilities of class 0 reported as
+    # class 1), when folding the standardisation back changes the scores, or when save/load loses anything.
+    from scipy.special import softmax
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, 200)
+    encoder = np.c_[np.zeros(200), 2.0 * (truth - 0.5) + rng.normal(size=200)]
+    baseline = np.c_[np.zeros(200), 1.5 * (truth - 0.5) + rng.normal(size=200)]
+    features = stack_features(encoder, baseline, 1.0, 1.0)
+    stack = Stack.fit(features, truth, 2, 0.1)
+    assert stack.coef.shape == (1, 4)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(features, truth)
+    assert softmax(stack.logits(features), axis=1)[:, 1] == pytest.approx(reference.predict_proba(features)[:, 1],
+                                                                        abs=1e-5)
+    stack.save(tmp_path / STACK_FILE)
+    loaded = Stack.load(tmp_path / STACK_FILE, 2)
+    assert np.array_equal(loaded.logits(features), stack.logits(features)) and loaded.c == 0.1
 
 
 def test_a_multi_label_run_refuses_the_logistic_layer_in_one_line(multi_label_hybrid):
@@ -213,8 +242,23 @@ def _decision_with(run, **ensemble):
     (run / "decision.json").write_text(json.dumps(decision))
 
 
+def _multi_label_decision(run):
+    decision = json.loads((run / "decision.json").read_text())
+    (run / "decision.json").write_text(json.dumps({**decision, "multi_label": True}))
+
+
+def _stack_file_with(run, **tensors):
+    from safetensors.numpy import save_file
+
+    save_file({"coef": np.zeros((3, 6)), "intercept": np.zeros(3), "C": np.ones(1), **tensors},
+              str(run / ENSEMBLE_DIR / STACK_FILE))
+
+
 @pytest.mark.parametrize(("tamper", "message"), [
     (lambda run: (run / ENSEMBLE_DIR / STACK_FILE).unlink(), "stack.safetensors: missing"),
+    (_multi_label_decision, "a multi-label run cannot combine with a logistic layer"),
+    (lambda run: _stack_file_with(run, coef=np.zeros((3, 4))), "does not fit 3 labels"),
+    (lambda run: _stack_file_with(run, intercept=np.full(3, 1e9)), "out-of-range values"),
     (lambda run: (run / ENSEMBLE_DIR / STACK_FILE).write_bytes(b"\x00" * 20), "unreadable"),
     (lambda run: _decision_with(run, weight=0.3), "a logistic ensemble has no weight"),
     (lambda run: _decision_with(run, combiner="magic"), "ensemble combiner must be one of"),
@@ -226,22 +270,37 @@ def test_a_tampered_or_missing_logistic_layer_is_one_line(fresh_stacked, tamper,
     assert "\n" not in str(err.value)
 
 
-def test_a_logistic_layer_of_the_wrong_shape_is_one_line(fresh_stacked):
-    from safetensors.numpy import save_file
-
-    save_file({"coef": np.zeros((3, 4)), "intercept": np.zeros(3), "C": np.ones(1)},
-              str(fresh_stacked / ENSEMBLE_DIR / STACK_FILE))
-    with pytest.raises(NewstuneError, match="does not fit 3 labels"):
-        load_run(fresh_stacked)
-
-
-def test_a_run_from_before_the_combiner_key_still_loads_as_a_weighted_sum(fresh):
-    # Fails when the decision file of a run shared before the logistic layer existed is refused.
+def test_a_weighted_sum_is_written_without_a_combiner_key_and_reads_with_one(fresh):
+    # Fails when a weighted run's decision.json gains a key older newstune versions refuse, or when a hand-written
+    # "combiner": "weighted" (or a run shared before the key existed) is not read as the weighted sum.
     decision = json.loads((fresh / "decision.json").read_text())
-    assert decision["ensemble"].pop("combiner") == "weighted"
+    assert "combiner" not in decision["ensemble"]
+    assert load_run(fresh).ensemble.combiner == "weighted"
+    decision["ensemble"]["combiner"] = "weighted"
     (fresh / "decision.json").write_text(json.dumps(decision))
     run = load_run(fresh)
     assert run.ensemble.combiner == "weighted" and run.ensemble.weight == decision["ensemble"]["weight"]
+
+
+def test_calibrate_keeps_the_combiner_the_ensemble_command_fitted(fresh):
+    # Fails when a later `newstune calibrate` falls back to the recipe's combiner and deletes the fitted layer.
+    from newstune.training.calibrate import calibrate_run
+
+    calibrate_run(fresh, combiner="logistic")
+    calibrate_run(fresh)
+    assert load_run(fresh).ensemble.combiner == "logistic"
+    assert (fresh / ENSEMBLE_DIR / STACK_FILE).is_file()
+
+
+def test_a_multi_label_run_with_a_logistic_layer_stops_before_training(multi_label_hybrid, tiny_models, tmp_path):
+    # Fails when the refusal comes only after training (the trained model lost) or leaves a run folder behind.
+    root = multi_label_hybrid[0]
+    config = tiny_config(tiny_models["bert"], root, **{"train.epochs": 1})
+    config["data"]["multi_label"] = True
+    config["eval"].update(ensemble="tfidf", ensemble_combiner="logistic")
+    with pytest.raises(NewstuneError, match="logistic is for single-label runs"):
+        train(validate(config), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_weighted_refit_removes_the_logistic_layer(fresh_stacked):

@@ -266,6 +266,8 @@ def ensemble(
         raise NewstuneError(f"--method {method}: choose tfidf or none")
     if combiner not in (None, "weighted", "logistic", "auto"):
         raise NewstuneError(f"--combiner {combiner}: choose weighted, logistic or auto")
+    if combiner is not None and method == "none":
+        raise NewstuneError("--combiner chooses how a blend combines; --method none removes the blend: drop one")
     result = calibrate_run(run, data_dir=data_dir, ensemble=method, combiner=combiner)
     show_metrics(result["metrics"], read_labels(run), str(run))
     typer.echo(json.dumps({"ensemble": {k: v for k, v in result["metrics"].get("ensemble", {}).items()

@@ -191,6 +191,31 @@ class Stack:
         intercept[np.setdiff1d(np.arange(n_classes), present)] = intercept[present].min() - 20.0
         return cls(coef, intercept, c)
 
+    def save(self, path: Path) -> None:
+        save_file({"coef": np.ascontiguousarray(self.coef), "intercept": np.ascontiguousarray(self.intercept),
+                   "C": np.array([self.c])}, str(path))
+
+    @classmethod
+    def load(cls, path: Path, n_labels: int) -> Stack:
+        """The saved layer, checked against the run's labels; anything else is one line naming the file."""
+        fix = "the run's ensemble files were changed or damaged: restore them, or re-fit with `newstune ensemble RUN`"
+        if not path.is_file():
+            raise NewstuneError(f"{path}: missing, but decision.json combines with a logistic layer; {fix}")
+        try:
+            tensors = load_file(str(path))
+            coef, intercept, c = (np.asarray(tensors[k], dtype=np.float64) for k in ("coef", "intercept", "C"))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise NewstuneError(f"{path}: unreadable ({err.__class__.__name__}); {fix}") from None
+        outputs = 1 if n_labels == 2 else n_labels
+        if coef.shape != (outputs, 2 * n_labels) or intercept.shape != (outputs,) or c.shape != (1,):
+            raise NewstuneError(f"{path}: a logistic layer of shape {coef.shape} does not fit {n_labels} labels; "
+                                f"{fix}")
+        # log-probabilities are bounded, so no fitted weight comes near 1e6: larger is a changed file (and would
+        # overflow float32 logits into NaN probabilities)
+        if not all(np.isfinite(a).all() and np.abs(a).max() < 1e6 for a in (coef, intercept)) or not c[0] > 0:
+            raise NewstuneError(f"{path}: the logistic layer holds non-finite or out-of-range values; {fix}")
+        return cls(coef, intercept, float(c[0]))
+
     def logits(self, features: np.ndarray) -> np.ndarray:
         scores = features @ self.coef.T + self.intercept
         if scores.shape[1] == 1:  # binary: [0, log-odds], as the encoder's two logits
@@ -229,8 +254,10 @@ class Ensemble:
         return "weighted" if self.stack is None else "logistic"
 
     def settings(self) -> dict:
-        """What decision.json holds about the blend (a logistic layer's weights are in ensemble/stack.safetensors)."""
-        return {"method": "tfidf", "combiner": self.combiner, "weight": self.weight,
+        """What decision.json holds about the blend (a logistic layer's weights are in ensemble/stack.safetensors).
+        A weighted sum is written without a combiner key, as before it existed, so older versions still read it."""
+        combiner = {} if self.stack is None else {"combiner": "logistic"}
+        return {"method": "tfidf", **combiner, "weight": self.weight,
                 "encoder_temperature": self.encoder_temperature, "baseline_temperature": self.baseline_temperature}
 
 
@@ -250,10 +277,8 @@ def fit_ensemble(bundle: DatasetBundle, encoder_validation: np.ndarray, metric: 
     """The baseline chosen as in every run (or `chosen`, that choice already made), the temperatures, the combiner
     and its weight(s), all on validation only."""
     multi_label = bool(bundle.info.get("multi_label"))
+    check_combiner(settings.ensemble_combiner, multi_label)
     combiner = settings.ensemble_combiner
-    if combiner == "logistic" and multi_label:
-        raise NewstuneError("eval.ensemble_combiner: logistic is for single-label runs; a multi-label run blends "
-                            "label by label: use weighted (or auto)")
     chosen = chosen or choose_baseline(bundle, metric, settings)
     truth = np.asarray(bundle.splits["validation"].labels)
     baseline_validation = chosen.validation_logits
@@ -270,10 +295,18 @@ def fit_ensemble(bundle: DatasetBundle, encoder_validation: np.ndarray, metric: 
     report = {**ensemble.settings(), "chosen_by": f"validation {metric}", "validation_curve": curve,
               "baseline": {"C": chosen.c, "class_weight": chosen.class_weight or "none"}}
     if cv is not None:
-        report["cross_validation"] = {"folds": CV_FOLDS, "repeats": CV_REPEATS, "mean_" + metric: cv}
+        scored = "macro_f1" if metric == "loss" else metric  # selection_score's own rule
+        report["cross_validation"] = {"folds": cv_folds(truth), "repeats": CV_REPEATS, "mean_" + scored: cv}
     if ensemble.stack is not None:
         report["stack_C"] = ensemble.stack.c
     return ensemble, report
+
+
+def check_combiner(combiner: str, multi_label: bool) -> None:
+    """A multi-label run cannot take the logistic layer (a softmax across independent labels): one line."""
+    if combiner == "logistic" and multi_label:
+        raise NewstuneError("eval.ensemble_combiner: logistic is for single-label runs; a multi-label run blends "
+                            "label by label: use weighted (or auto)")
 
 
 def pick_combiner(cv: dict[str, float]) -> tuple[str, float | None]:
@@ -322,18 +355,22 @@ def _score(truth: np.ndarray, logits: np.ndarray, label_names: list[str], metric
     return selection_score(classification_metrics(truth, logits, label_names, decision), metric)
 
 
+def cv_folds(truth: np.ndarray) -> int:
+    """CV_FOLDS, or fewer where not even the largest class has that many rows."""
+    return max(2, min(CV_FOLDS, int(np.bincount(truth).max())))
+
+
 def cross_validate(encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray, linear: LinearTextModel,
                    label_names: list[str], metric: str, settings: EvalSettings, with_weighted: bool = True
                    ) -> dict[str, float]:
     """Mean held-out selection metric of each candidate combiner over stratified folds of the validation rows:
     each fitted on the other folds, its decision rule too. Class-bias tuning is left out here (it would cost
-    minutes per candidate) and applies to the final fit as configured; so is calibration unless the metric is the
-    loss (a temperature does not move an argmax, and the threshold grid moves little)."""
-    settings = settings.model_copy(update={"tune_class_bias": False,
-                                           **({} if metric == "loss" else {"calibration": "none"})})
+    minutes per candidate) and applies to the final fit as configured; so is calibration (a temperature does not
+    move an argmax, the threshold grid moves little, and `loss` runs select by macro-F1 here as the baseline does)."""
+    settings = settings.model_copy(update={"tune_class_bias": False, "calibration": "none"})
     names = (["weighted"] if with_weighted else []) + [f"logistic C={c:g}" for c in STACK_C]
     scores: dict[str, list[float]] = {name: [] for name in names}
-    folds = max(2, min(CV_FOLDS, int(np.bincount(truth).max())))
+    folds = cv_folds(truth)
     for repeat in range(CV_REPEATS):
         with warnings.catch_warnings():  # a class rarer than the folds lands in some of them only: that is fine
             warnings.simplefilter("ignore", UserWarning)
@@ -364,32 +401,16 @@ def save_ensemble(run_dir: Path, ensemble: Ensemble) -> None:
     ensemble.linear.save(folder)
     if ensemble.stack is None:
         (folder / STACK_FILE).unlink(missing_ok=True)  # a weighted refit leaves no stale layer behind
-        return
-    save_file({"coef": np.ascontiguousarray(ensemble.stack.coef),
-               "intercept": np.ascontiguousarray(ensemble.stack.intercept),
-               "C": np.array([ensemble.stack.c])}, str(folder / STACK_FILE))
+    else:
+        ensemble.stack.save(folder / STACK_FILE)
 
 
 def load_ensemble(run_dir: Path, settings: dict, n_labels: int, multi_label: bool = False) -> Ensemble:
     linear = LinearTextModel.load(run_dir / ENSEMBLE_DIR, n_labels, multi_label)
     stack = None
     if settings.get("combiner", "weighted") == "logistic":
-        stack = _load_stack(run_dir / ENSEMBLE_DIR / STACK_FILE, n_labels)
+        stack = Stack.load(run_dir / ENSEMBLE_DIR / STACK_FILE, n_labels)
     return Ensemble(linear, settings["weight"], settings["encoder_temperature"], settings["baseline_temperature"],
                     stack)
 
 
-def _load_stack(path: Path, n_labels: int) -> Stack:
-    fix = "the run's ensemble files were changed or damaged: restore them, or re-fit with `newstune ensemble RUN`"
-    if not path.is_file():
-        raise NewstuneError(f"{path}: missing, but decision.json combines with a logistic layer; {fix}")
-    try:
-        tensors = load_file(str(path))
-        coef, intercept, c = tensors["coef"], tensors["intercept"], tensors["C"]
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise NewstuneError(f"{path}: unreadable ({err.__class__.__name__}); {fix}") from None
-    outputs = 1 if n_labels == 2 else n_labels
-    if coef.shape != (outputs, 2 * n_labels) or intercept.shape != (outputs,) or c.shape != (1,) or not (
-            np.isfinite(coef).all() and np.isfinite(intercept).all()):
-        raise NewstuneError(f"{path}: a logistic layer of shape {coef.shape} does not fit {n_labels} labels; {fix}")
-    return Stack(coef.astype(np.float64), intercept.astype(np.float64), float(c[0]))

@@ -14,7 +14,7 @@ import numpy as np
 from newstune.errors import NewstuneError
 
 ENSEMBLE_KEYS = ("method", "weight", "encoder_temperature", "baseline_temperature")
-ENSEMBLE_COMBINERS = ("weighted", "logistic")  # runs written before the logistic layer have no combiner: weighted
+ENSEMBLE_COMBINERS = ("weighted", "logistic")  # no combiner key: weighted (how every weighted sum is written)
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class Decision:
     calibration: str = "none"  # how the temperature was fitted: none, temperature or vector
     logit_bias: list[float] | None = None  # vector scaling: added to logits / temperature
     # eval.ensemble: the logits above are the encoder blended with the run's TF-IDF model (newstune.decisions.ensemble):
-    # {"method": "tfidf", "combiner", "weight", "encoder_temperature", "baseline_temperature"}
+    # {"method": "tfidf", "weight", "encoder_temperature", "baseline_temperature"}, and "combiner": "logistic" with
+    # weight null where a logistic layer (ensemble/stack.safetensors) combines them
     ensemble: dict | None = None
 
     def to_dict(self) -> dict:
@@ -92,6 +93,8 @@ def _problem(data: dict) -> str | None:
         combiner = ensemble.get("combiner", "weighted")
         if combiner not in ENSEMBLE_COMBINERS:
             return f"ensemble combiner must be one of {list(ENSEMBLE_COMBINERS)} (got {combiner!r})"
+        if combiner == "logistic" and data.get("multi_label"):
+            return "a multi-label run cannot combine with a logistic layer (its labels are independent sigmoids)"
         if combiner == "logistic" and ensemble["weight"] is not None:
             return f"a logistic ensemble has no weight: null expected (got {ensemble['weight']!r})"
         if combiner == "weighted" and not (_finite(ensemble["weight"]) and 0 <= ensemble["weight"] <= 1):

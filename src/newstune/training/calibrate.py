@@ -51,6 +51,8 @@ def calibrate_run(run_dir: Path, method: str | None = None, tune_class_bias: boo
     what the run has (and refits its weight). combiner: weighted, logistic or auto (None: the run's
     eval.ensemble_combiner)."""
     run = load_run(Path(run_dir))
+    if combiner is None and run.ensemble is not None and run.config.eval.ensemble_combiner != "auto":
+        combiner = run.ensemble.combiner  # what `newstune ensemble --combiner` last fitted, not the recipe's default
     if not (run.run_dir / METRICS_FILE).is_file():
         raise NewstuneError(f"{run.run_dir} has no metrics.json (training did not finish); finish it first: "
                             f"newstune train --resume {run.run_dir}")

@@ -37,6 +37,7 @@ from newstune.data.batching import (
 )
 from newstune.data.registry import DatasetBundle, load_dataset
 from newstune.data.splits import class_weights, positive_weights
+from newstune.decisions.ensemble import check_combiner
 from newstune.decisions.metrics import classification_metrics
 from newstune.decisions.rule import Decision
 from newstune.errors import Interrupted, NewstuneError
@@ -237,6 +238,8 @@ class Trainer:
         self.bundle = bundle or load_dataset(self.config.data, cfg.seed)
         self.label_names = self.bundle.label_names
         self.multi_label = bool(self.bundle.info.get("multi_label"))
+        if self.config.eval.ensemble != "none":  # before training, not after it
+            check_combiner(self.config.eval.ensemble_combiner, self.multi_label)
         self.decision = Decision(multi_label=self.multi_label)
         loaded = build_model(self.config.model, self.config.lora, self.label_names, self.multi_label)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
