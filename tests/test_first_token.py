@@ -145,3 +145,21 @@ def test_a_layer_copy_that_disagrees_switches_itself_off(tiny_models, monkeypatc
         assert not run_last_layer_on_first_token(model)
     assert "forward" not in vars(model.bert.encoder.layer[-1])
     assert len(caplog.records) == 1 and "first-token last layer off" in caplog.records[0].getMessage()
+
+
+def test_the_check_compares_an_fp32_model_in_fp32_under_accelerates_bf16_wrapper(tiny_models):
+    # Fails when the check runs through accelerate's autocast-wrapped forward: an fp32 model is then compared in bf16
+    # against the fp32 tolerance, and rounding alone switched the layer off (an MPNet run, after training).
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = accelerator.prepare(AutoModelForSequenceClassification.from_pretrained(tiny_models["mpnet"],
+                                                                                   num_labels=3))
+    seen = []
+    layer = encoder_model(model).encoder.layer[-1]
+    layer.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    assert run_last_layer_on_first_token(accelerator.unwrap_model(model))
+    assert seen and not any(seen), "the check's forwards ran under bf16 autocast"
+    AcceleratorState._reset_state(reset_partial_state=False)

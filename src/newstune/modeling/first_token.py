@@ -62,11 +62,15 @@ def _disagreement(task_model: torch.nn.Module, layer: torch.nn.Module, patched: 
     low_precision = param.dtype != torch.float32 or any(p.dtype != param.dtype for p in task_model.parameters())
     was_training = task_model.training
     task_model.eval()
+    # accelerate's mixed precision wraps forward in bf16 autocast and keeps the plain one as `_original_forward`:
+    # through the wrapper an fp32 model was compared in bf16 against the fp32 tolerance, and the check turned the
+    # layer off on rounding alone (an MPNet run on an AMX Xeon, 2026-12-06)
+    forward = getattr(task_model, "_original_forward", task_model)
     try:
         with torch.no_grad(), torch.autocast(param.device.type, dtype=torch.bfloat16, enabled=low_precision):
-            full = task_model(input_ids=ids, attention_mask=mask).logits.float()
+            full = forward(input_ids=ids, attention_mask=mask).logits.float()
             layer.forward = patched
-            first = task_model(input_ids=ids, attention_mask=mask).logits.float()
+            first = forward(input_ids=ids, attention_mask=mask).logits.float()
     except Exception as err:  # noqa: BLE001 -- any failure of the copied forward is a disagreement, said in one line
         return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
     finally:
