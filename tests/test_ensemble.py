@@ -32,28 +32,25 @@ from newstune.training.train import train
 from .conftest import synthetic_rows, tiny_config, write_csv
 
 
-@pytest.fixture(scope="module")
-def hybrid(tiny_models, tiny_data, tmp_path_factory):
-    """A tiny run trained one epoch (a weak encoder) with the TF-IDF blend."""
-    root = tmp_path_factory.mktemp("hybrid")
+def _train_blended(tiny_models, tiny_data, root, **eval_settings):
+    """A tiny run trained one epoch (a weak encoder) with the TF-IDF blend, its cache kept in `root`."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NEWSTUNE_CACHE", str(root / "cache"))
         config = tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1})
-        config["eval"]["ensemble"] = "tfidf"
-        run_dir, metrics = train(validate(config), root / "run")
-    return run_dir, metrics
+        config["eval"].update(ensemble="tfidf", **eval_settings)
+        return train(validate(config), root / "run")
+
+
+@pytest.fixture(scope="module")
+def hybrid(tiny_models, tiny_data, tmp_path_factory):
+    """Blended by the weighted sum."""
+    return _train_blended(tiny_models, tiny_data, tmp_path_factory.mktemp("hybrid"))
 
 
 @pytest.fixture(scope="module")
 def stacked(tiny_models, tiny_data, tmp_path_factory):
     """The same tiny run combined with the TF-IDF model by a stacked logistic layer."""
-    root = tmp_path_factory.mktemp("stacked")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NEWSTUNE_CACHE", str(root / "cache"))
-        config = tiny_config(tiny_models["bert"], tiny_data, **{"train.epochs": 1})
-        config["eval"].update(ensemble="tfidf", ensemble_combiner="logistic")
-        run_dir, metrics = train(validate(config), root / "run")
-    return run_dir, metrics
+    return _train_blended(tiny_models, tiny_data, tmp_path_factory.mktemp("stacked"), ensemble_combiner="logistic")
 
 
 def _copy(run_dir, tmp_path):

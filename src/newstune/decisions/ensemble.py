@@ -65,6 +65,7 @@ STACK_C = (0.01, 0.1, 1.0, 10.0)
 CV_FOLDS, CV_REPEATS = 5, 3
 WEIGHTS = [round(w, 2) for w in np.linspace(0, 1, 21)]
 VIEW_KEYS = ("analyzer", "ngram_range", "sublinear_tf", "lowercase")
+FIX = "the run's ensemble files were changed or damaged: restore them, or re-fit with `newstune ensemble RUN`"
 
 
 @dataclass
@@ -119,15 +120,14 @@ class LinearTextModel:
     def load(cls, folder: Path, n_labels: int, multi_label: bool = False) -> LinearTextModel:
         """Rebuilt from the run's files; anything inconsistent is one line naming the file."""
         vocab_file, weights_file = folder / VOCABULARY_FILE, folder / WEIGHTS_FILE
-        fix = "the run's ensemble files were changed or damaged: restore them, or re-fit with `newstune ensemble RUN`"
         for path in (vocab_file, weights_file):
             if not path.is_file():
-                raise NewstuneError(f"{path}: missing, but decision.json blends a TF-IDF model; {fix}")
+                raise NewstuneError(f"{path}: missing, but decision.json blends a TF-IDF model; {FIX}")
         try:
             spec = json.loads(vocab_file.read_text(encoding="utf-8"))
             tensors = load_file(str(weights_file))
         except (OSError, ValueError, UnicodeDecodeError, SafetensorError) as err:
-            raise NewstuneError(f"{folder}: unreadable ({err.__class__.__name__}); {fix}") from None
+            raise NewstuneError(f"{folder}: unreadable ({err.__class__.__name__}); {FIX}") from None
         views, width = [], 0
         try:
             for i, view_spec in enumerate(spec["views"]):
@@ -147,12 +147,12 @@ class LinearTextModel:
             width += RECORD_WIDTH if with_record else 0
             coef, intercept = tensors["coef"], tensors["intercept"]
         except (KeyError, TypeError, ValueError) as err:
-            raise NewstuneError(f"{vocab_file}: {err}; {fix}") from None
+            raise NewstuneError(f"{vocab_file}: {err}; {FIX}") from None
         outputs = 1 if n_labels == 2 and not multi_label else n_labels
         if coef.shape != (outputs, width) or intercept.shape != (outputs,) or not (
                 np.isfinite(coef).all() and np.isfinite(intercept).all()):
             raise NewstuneError(f"{weights_file}: coefficients of shape {coef.shape} do not fit {width} features and "
-                                f"{n_labels} labels; {fix}")
+                                f"{n_labels} labels; {FIX}")
         return cls(Features(FeatureUnion(views), with_record), coef, intercept, multi_label)
 
 
@@ -198,22 +198,21 @@ class Stack:
     @classmethod
     def load(cls, path: Path, n_labels: int) -> Stack:
         """The saved layer, checked against the run's labels; anything else is one line naming the file."""
-        fix = "the run's ensemble files were changed or damaged: restore them, or re-fit with `newstune ensemble RUN`"
         if not path.is_file():
-            raise NewstuneError(f"{path}: missing, but decision.json combines with a logistic layer; {fix}")
+            raise NewstuneError(f"{path}: missing, but decision.json combines with a logistic layer; {FIX}")
         try:
             tensors = load_file(str(path))
             coef, intercept, c = (np.asarray(tensors[k], dtype=np.float64) for k in ("coef", "intercept", "C"))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-            raise NewstuneError(f"{path}: unreadable ({err.__class__.__name__}); {fix}") from None
+            raise NewstuneError(f"{path}: unreadable ({err.__class__.__name__}); {FIX}") from None
         outputs = 1 if n_labels == 2 else n_labels
         if coef.shape != (outputs, 2 * n_labels) or intercept.shape != (outputs,) or c.shape != (1,):
             raise NewstuneError(f"{path}: a logistic layer of shape {coef.shape} does not fit {n_labels} labels; "
-                                f"{fix}")
+                                f"{FIX}")
         # log-probabilities are bounded, so no fitted weight comes near 1e6: larger is a changed file (and would
         # overflow float32 logits into NaN probabilities)
         if not all(np.isfinite(a).all() and np.abs(a).max() < 1e6 for a in (coef, intercept)) or not c[0] > 0:
-            raise NewstuneError(f"{path}: the logistic layer holds non-finite or out-of-range values; {fix}")
+            raise NewstuneError(f"{path}: the logistic layer holds non-finite or out-of-range values; {FIX}")
         return cls(coef, intercept, float(c[0]))
 
     def logits(self, features: np.ndarray) -> np.ndarray:
@@ -324,12 +323,11 @@ def _fit(combiner: str, encoder: np.ndarray, baseline: np.ndarray, truth: np.nda
          label_names: list[str], metric: str, settings: EvalSettings, c: float | None = None,
          temperatures: tuple[float, float] | None = None) -> tuple[Ensemble, list[dict]]:
     """One combiner fitted on these rows; the weighted sum's weight by the selection metric under the run's
-    decision rule (its curve returned), the logistic layer at C (None: the default 1.0)."""
+    decision rule (its curve returned), the logistic layer at C."""
     multi_label = linear.multi_label
     t_enc, t_lin = temperatures or _temperatures(encoder, baseline, truth, multi_label)
     if combiner == "logistic":
-        stack = Stack.fit(stack_features(encoder, baseline, t_enc, t_lin), truth, len(label_names),
-                          1.0 if c is None else c)
+        stack = Stack.fit(stack_features(encoder, baseline, t_enc, t_lin), truth, len(label_names), c)
         return Ensemble(linear, None, t_enc, t_lin, stack), []
     curve = []
     for weight in WEIGHTS:
@@ -380,7 +378,7 @@ def cross_validate(encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray,
             for name in names:
                 fitted, _ = _fit("logistic" if name != "weighted" else "weighted", encoder[train],
                                  baseline[train], truth[train], linear, label_names, metric, settings,
-                                 _stack_c(name) or None, temperatures)
+                                 _stack_c(name), temperatures)
                 decision = fit_decision(truth[train], fitted.combine_logits(encoder[train], baseline[train]),
                                         settings, False)
                 scores[name].append(_score(truth[held], fitted.combine_logits(encoder[held], baseline[held]),
@@ -412,5 +410,3 @@ def load_ensemble(run_dir: Path, settings: dict, n_labels: int, multi_label: boo
         stack = Stack.load(run_dir / ENSEMBLE_DIR / STACK_FILE, n_labels)
     return Ensemble(linear, settings["weight"], settings["encoder_temperature"], settings["baseline_temperature"],
                     stack)
-
-
