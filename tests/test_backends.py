@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import newstune.inference.backend_export
@@ -135,6 +136,31 @@ def test_auto_picks_the_fastest_passed_export_faster_than_pytorch():
     assert choose_export([_export("onnx", "fp32", 0.8)], "onnx")["precision"] == "fp32"  # asked for by name
     with pytest.raises(NewstuneError, match="--backend tensorrt: choose auto, torch, onnx or openvino"):
         choose_export(exports, "tensorrt")
+
+
+def test_openvino_batch_work_runs_two_streams_and_keeps_every_row_in_its_place(fresh_run):
+    export_backend(fresh_run, "openvino", tolerance_points=2.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the scorer takes its streams from torch's threads when it is built
+    try:
+        scorer = load_run(fresh_run, backend="openvino").scorer
+    finally:
+        torch.set_num_threads(threads)
+    texts = [text for text, _ in synthetic_rows(40, 5)]
+    ids = load_run(fresh_run, backend="torch").tokenizer(texts)["input_ids"]
+    calls = []
+    streams = scorer.forward_many
+    scorer.forward_many = lambda batches: calls.append(1) or streams(batches)
+    two_streams = scorer.logits(ids, batch_size=4)  # 10 batches: two at a time, finishing in any order
+    assert calls == [1]
+    scorer.logits(ids[:4], batch_size=4)  # one batch: the latency path, as serve runs it
+    assert calls == [1]
+    scorer.forward_many = None
+    one_at_a_time = scorer.logits(ids, batch_size=4)
+    tolerance = 1e-2 if scorer.precision == "bf16" else 1e-4
+    # fails if rows land by finishing order, or a reused output buffer leaves one batch's rows in several places
+    assert np.abs(two_streams - one_at_a_time).max() < tolerance
+    assert np.abs(one_at_a_time - np.roll(one_at_a_time, 4, axis=0)).max() > 10 * tolerance  # the check can tell
 
 
 def test_predict_and_serve_give_the_same_probabilities_on_every_backend(fresh_run, tmp_path):
