@@ -91,8 +91,9 @@ def openvino_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
 
     def forward_many(batches: Iterable[tuple[list[int], dict]]) -> Iterator[tuple[list[int], np.ndarray]]:
         """Batch work (predict, evaluate): one stream a core, each running its own batch, so the small element-wise
-        and attention kernels that two threads share poorly run whole on one core (+7-10% end to end on a 2-core AMX Xeon,
-        docs/serving.md). OpenVINO's AsyncInferQueue keeps every stream busy; rows go back with their indices."""
+        and attention kernels that two threads share poorly run whole on one core (+7-10% end to end on a 2-core
+        AMX Xeon, docs/serving.md). OpenVINO's AsyncInferQueue keeps every stream busy; rows go back with their
+        indices."""
         if threads < 2:
             yield from ((i, forward(b["input_ids"].numpy(), b["attention_mask"].numpy())) for i, b in batches)
             return
