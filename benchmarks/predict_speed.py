@@ -59,7 +59,7 @@ def newstune_row(run, texts: list[str], gate: str) -> dict:
 
     def label(batch: list[str]) -> list[int]:
         ids = run.tokenizer(batch, truncation=True, max_length=run.config.data.max_length)["input_ids"]
-        return np.asarray(run.scorer.logits(ids, 64)).argmax(1).tolist()
+        return np.asarray(run.scorer.logits(ids, 64, throughput=True)).argmax(1).tolist()
 
     labels, speed = timed(label, texts)
     return {"contender": f"newstune {run.scorer.backend}", "backend": run.backend, "gate": gate,

@@ -138,29 +138,52 @@ def test_auto_picks_the_fastest_passed_export_faster_than_pytorch():
         choose_export(exports, "tensorrt")
 
 
-def test_openvino_batch_work_runs_two_streams_and_keeps_every_row_in_its_place(fresh_run):
+def test_openvino_batch_work_runs_two_streams_and_keeps_every_row_in_its_place(fresh_run, monkeypatch):
+    import openvino
+
     export_backend(fresh_run, "openvino", tolerance_points=2.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the scorer takes its streams from torch's threads when it is built
     try:
         scorer = load_run(fresh_run, backend="openvino").scorer
+        served = load_served([f"topics={fresh_run}"], backend="openvino")["topics"]
     finally:
         torch.set_num_threads(threads)
+    jobs = []
+
+    class Recorded(openvino.AsyncInferQueue):
+        def __init__(self, model, count):
+            super().__init__(model, count)
+            jobs.append((count, model.get_property("NUM_STREAMS")))
+
+    monkeypatch.setattr(openvino, "AsyncInferQueue", Recorded)
     texts = [text for text, _ in synthetic_rows(40, 5)]
     ids = load_run(fresh_run, backend="torch").tokenizer(texts)["input_ids"]
-    calls = []
-    streams = scorer.forward_many
-    scorer.forward_many = lambda batches: calls.append(1) or streams(batches)
-    two_streams = scorer.logits(ids, batch_size=4)  # 10 batches: two at a time, finishing in any order
-    assert calls == [1]
-    scorer.logits(ids[:4], batch_size=4)  # one batch: the latency path, as serve runs it
-    assert calls == [1]
-    scorer.forward_many = None
-    one_at_a_time = scorer.logits(ids, batch_size=4)
+    two_streams = scorer.logits(ids, batch_size=4, throughput=True)  # 10 batches, finishing in any order
+    assert jobs == [(2, 2)]  # fails if batch work runs one job, or one stream, at a time
+    one_at_a_time = scorer.logits(ids, batch_size=4)  # the latency path: what serve and the export gate run
+    assert jobs == [(2, 2)]
     tolerance = 1e-2 if scorer.precision == "bf16" else 1e-4
     # fails if rows land by finishing order, or a reused output buffer leaves one batch's rows in several places
     assert np.abs(two_streams - one_at_a_time).max() < tolerance
     assert np.abs(one_at_a_time - np.roll(one_at_a_time, 4, axis=0)).max() > 10 * tolerance  # the check can tell
+
+    def refuse(batches):
+        raise AssertionError("serve's micro-batches must stay on the latency compilation")
+
+    served.scorer.forward_many = refuse
+    assert len(served.classify_cleaned(texts * 3)) == 120  # over 64 texts: two batches, still one stream
+
+
+def test_a_backend_that_loses_a_batch_is_an_error_not_garbage():
+    def drop_the_last(batches):
+        scored = [(indices, np.zeros((len(indices), 2), np.float32)) for indices, _ in batches]
+        yield from scored[:-1]
+
+    scorer = Scorer("openvino", "fp32", 0, forward=lambda ids, mask: np.zeros((len(ids), 2), np.float32),
+                    forward_many=drop_the_last)
+    with pytest.raises(RuntimeError, match="7 of 8 rows"):  # np.empty's leftovers would pass as logits
+        scorer.logits([[5, 6]] * 8, batch_size=1, throughput=True)
 
 
 def test_predict_and_serve_give_the_same_probabilities_on_every_backend(fresh_run, tmp_path):

@@ -6,6 +6,7 @@ logits are comparable row for row; what turns logits into probabilities and labe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,17 @@ from newstune.modeling.infer import inference_batches, predict_logits
 
 BACKENDS = ("torch", "onnx", "openvino")
 EXTRA_HINT = "pip install 'newstune[fast]'"
+MIN_BATCHES_FOR_STREAMS = 4  # smaller batch work stays on the latency path (a guard, not a measured threshold)
+OPENVINO_STREAMS = 2  # batch work: measured on 2 cores only (docs/serving.md), so never more streams than this
 
 
 @dataclass
 class Scorer:
     """Logits (fp32 numpy, input order) for token id lists; `backend` and `precision` say what computes them.
 
-    `forward` scores one padded batch; `forward_many`, where a backend has it, scores a stream of (indices, batch)
-    pairs as it likes (OpenVINO runs two at once) and yields (indices, logits) in any order."""
+    `forward` scores one padded batch. `forward_many`, where a backend has one, scores a stream of (indices, batch)
+    pairs several at a time and yields (indices, logits) as they finish; `logits(..., throughput=True)` uses it for
+    batch work (predict, evaluate, calibrate, distill), never for serve's micro-batches."""
 
     backend: str
     precision: str
@@ -39,21 +43,25 @@ class Scorer:
         return f"{self.backend}-{self.precision}"
 
     def logits(self, input_ids: list[list[int]], batch_size: int = 64, progress: bool = False,
-               desc: str = "predict") -> np.ndarray:
+               desc: str = "predict", throughput: bool = False) -> np.ndarray:
         if self.model is not None:
             return predict_logits(self.model, input_ids, self.pad_token_id, batch_size, self.precision,
                                   progress=progress, desc=desc).numpy()
         batches = inference_batches(input_ids, self.pad_token_id, batch_size, "cpu", desc, progress)
-        if self.forward_many is not None and len(input_ids) > batch_size:
+        if throughput and self.forward_many is not None and len(input_ids) >= MIN_BATCHES_FOR_STREAMS * batch_size:
             scored = self.forward_many(batches)
         else:
             scored = ((indices, self.forward(batch["input_ids"].numpy(), batch["attention_mask"].numpy()))
                       for indices, batch in batches)
         out: np.ndarray | None = None
+        filled = 0
         for indices, logits in scored:
             if out is None:
                 out = np.empty((len(input_ids), logits.shape[1]), dtype=np.float32)
             out[indices] = logits
+            filled += len(indices)
+        if filled != len(input_ids):  # never hand back np.empty's garbage as logits
+            raise RuntimeError(f"{self.name}: {filled} of {len(input_ids)} rows were scored")
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
@@ -83,34 +91,36 @@ def openvino_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
     request = compiled.create_infer_request()
     if precision == "fp32" and compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16:
         precision = "bf16"  # OpenVINO computes an fp32 model in bf16 on CPUs that have it natively
-    streams: list = []  # the THROUGHPUT compilation, made on the first call with more than one batch
+    streams = min(OPENVINO_STREAMS, threads)
+    batch_model: list[object] = []  # the THROUGHPUT compilation, made on first use (a second copy of the weights)
 
     def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
         return request.get_output_tensor(0).data.copy()
 
     def forward_many(batches: Iterable[tuple[list[int], dict]]) -> Iterator[tuple[list[int], np.ndarray]]:
-        """Batch work (predict, evaluate): one stream a core, each running its own batch, so the small element-wise
-        and attention kernels that two threads share poorly run whole on one core (+7-10% end to end on a 2-core
-        AMX Xeon, docs/serving.md). OpenVINO's AsyncInferQueue keeps every stream busy; rows go back with their
-        indices."""
-        if threads < 2:
-            yield from ((i, forward(b["input_ids"].numpy(), b["attention_mask"].numpy())) for i, b in batches)
-            return
-        if not streams:
-            streams.append(core.compile_model(str(path), "CPU", {
-                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads}))
-        queue = ov.AsyncInferQueue(streams[0], threads)
+        """Batch work: two streams splitting the threads, each running its own batch, so the small element-wise and
+        attention kernels that two threads share poorly run whole on one core (+7-10% end to end on a 2-core AMX
+        Xeon, docs/serving.md). OpenVINO's AsyncInferQueue keeps both busy; rows go back with their indices."""
+        if not batch_model:
+            batch_model.append(core.compile_model(str(path), "CPU", {
+                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads}))
+        queue = ov.AsyncInferQueue(batch_model[0], streams)
         done: list[tuple[list[int], np.ndarray]] = []
         # the request's output buffer is reused by its next batch: copy it out in the callback
         queue.set_callback(lambda finished, indices: done.append((indices, finished.get_output_tensor(0).data.copy())))
-        for indices, batch in batches:
-            queue.start_async({"input_ids": batch["input_ids"].numpy(),
-                               "attention_mask": batch["attention_mask"].numpy()}, indices)
-        queue.wait_all()
+        try:
+            for indices, batch in batches:
+                queue.start_async({"input_ids": batch["input_ids"].numpy(),
+                                   "attention_mask": batch["attention_mask"].numpy()}, indices)
+        except BaseException:  # Ctrl-C or a failed batch: let the running jobs finish before the queue goes away
+            with contextlib.suppress(Exception):
+                queue.wait_all()
+            raise
+        queue.wait_all()  # re-raises a job's own error
         yield from done
 
-    return Scorer("openvino", precision, pad_token_id, forward, forward_many=forward_many)
+    return Scorer("openvino", precision, pad_token_id, forward, forward_many=forward_many if streams > 1 else None)
 
 
 def require(module: str):

@@ -201,7 +201,7 @@ class LoadedRun:
         """The logits the decision rule reads: the backend's, blended with the TF-IDF model where the run has one.
 
         `texts` are the cleaned texts that `input_ids` tokenize (the linear model reads words, not tokens)."""
-        logits = self.scorer.logits(input_ids, batch_size, progress=progress, desc=desc)
+        logits = self.scorer.logits(input_ids, batch_size, progress=progress, desc=desc, throughput=True)
         return logits if self.ensemble is None else self.ensemble.combine(logits, texts)
 
 

@@ -26,7 +26,7 @@ def split_logits(run: LoadedRun, texts: list[str], batch_size: int = 64, blend: 
     ids = tokenize_texts(run.tokenizer, texts, run.config.data.max_length, cache_dir() / "tokens")
     if blend:
         return run.logits(texts, ids, batch_size, progress=True)
-    return run.scorer.logits(ids, batch_size, progress=True)
+    return run.scorer.logits(ids, batch_size, progress=True, throughput=True)
 
 
 def keep_previous(run_dir: Path) -> Path | None:
