@@ -100,7 +100,7 @@ def openvino_scorer(path: Path, pad_token_id: int, precision: str) -> Scorer:
 
     def forward_many(batches: Iterable[tuple[list[int], dict]]) -> Iterator[tuple[list[int], np.ndarray]]:
         """Batch work: two streams splitting the threads, each running its own batch, so the small element-wise and
-        attention kernels that two threads share poorly run whole on one core (+7-10% end to end on a 2-core AMX
+        attention kernels that two threads share poorly run whole on one core (+10% end to end on a 2-core AMX
         Xeon, docs/serving.md). OpenVINO's AsyncInferQueue keeps both busy; rows go back with their indices."""
         if not batch_model:
             batch_model.append(core.compile_model(str(path), "CPU", {
