@@ -62,6 +62,7 @@ VOCABULARY_FILE = "vocabulary.json"
 WEIGHTS_FILE = "weights.safetensors"
 STACK_FILE = "stack.safetensors"
 STACK_C = (0.01, 0.1, 1.0, 10.0)
+CANDIDATES = {"weighted": None, **{f"logistic C={c:g}": c for c in STACK_C}}  # name -> C (None: weighted)
 CV_FOLDS, CV_REPEATS = 5, 3
 WEIGHTS = [round(w, 2) for w in np.linspace(0, 1, 21)]
 VIEW_KEYS = ("analyzer", "ngram_range", "sublinear_tf", "lowercase")
@@ -311,12 +312,8 @@ def check_combiner(combiner: str, multi_label: bool) -> None:
 def pick_combiner(cv: dict[str, float]) -> tuple[str, float | None]:
     """The best cross-validated candidate; ties go to the weighted sum, then to the smaller C (fewer effective
     parameters)."""
-    pick = max(cv, key=lambda name: (cv[name], name == "weighted", -_stack_c(name)))
-    return ("weighted", None) if pick == "weighted" else ("logistic", _stack_c(pick))
-
-
-def _stack_c(name: str) -> float:
-    return float(name.split("C=")[1]) if name.startswith("logistic") else 0.0
+    pick = max(cv, key=lambda name: (cv[name], CANDIDATES[name] is None, -(CANDIDATES[name] or 0.0)))
+    return ("weighted", None) if CANDIDATES[pick] is None else ("logistic", CANDIDATES[pick])
 
 
 def _fit(combiner: str, encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray, linear: LinearTextModel,
@@ -366,7 +363,7 @@ def cross_validate(encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray,
     minutes per candidate) and applies to the final fit as configured; so is calibration (a temperature does not
     move an argmax, the threshold grid moves little, and `loss` runs select by macro-F1 here as the baseline does)."""
     settings = settings.model_copy(update={"tune_class_bias": False, "calibration": "none"})
-    names = (["weighted"] if with_weighted else []) + [f"logistic C={c:g}" for c in STACK_C]
+    names = [name for name, c in CANDIDATES.items() if with_weighted or c is not None]
     scores: dict[str, list[float]] = {name: [] for name in names}
     folds = cv_folds(truth)
     for repeat in range(CV_REPEATS):
@@ -376,9 +373,9 @@ def cross_validate(encoder: np.ndarray, baseline: np.ndarray, truth: np.ndarray,
         for train, held in splits:
             temperatures = _temperatures(encoder[train], baseline[train], truth[train], False)
             for name in names:
-                fitted, _ = _fit("logistic" if name != "weighted" else "weighted", encoder[train],
-                                 baseline[train], truth[train], linear, label_names, metric, settings,
-                                 _stack_c(name), temperatures)
+                c = CANDIDATES[name]
+                fitted, _ = _fit("weighted" if c is None else "logistic", encoder[train], baseline[train],
+                                 truth[train], linear, label_names, metric, settings, c, temperatures)
                 decision = fit_decision(truth[train], fitted.combine_logits(encoder[train], baseline[train]),
                                         settings, False)
                 scores[name].append(_score(truth[held], fitted.combine_logits(encoder[held], baseline[held]),
