@@ -1,16 +1,22 @@
 """Load test of `newstune serve` with a real HTTP client: 1, 8 and 32 concurrent clients sending single-text
-requests to a server on 127.0.0.1 (bounded: each level runs for --seconds). Reports requests/s, p50/p99, errors.
+requests to a server on 127.0.0.1 (bounded: each level runs for --seconds). Reports requests/s, p50/p99, errors,
+and the CPU seconds the client process itself used (it shares the machine's cores with the server).
 
-    python benchmarks/serve_load.py runs/ag_news_minilm_lora
+    python benchmarks/serve_load.py runs/ag_news_minilm_lora                   # lean keep-alive client (as wrk)
+    python benchmarks/serve_load.py runs/ag_news_minilm_lora --client httpx    # the httpx client of earlier figures
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
+import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, cpu_line, machine, markdown_table, served, write_results  # noqa: E402
@@ -30,7 +36,43 @@ async def client(http, url: str, model: str, texts: list[str], deadline: float, 
         i += 1
 
 
-async def level(base: str, model: str, texts: list[str], clients: int, seconds: float) -> dict:
+# The lean client: one keep-alive HTTP/1.1 connection per simulated client, request bytes built before the clock
+# starts, the answer read by its Content-Length. Written by hand (httpx and aiohttp do far more per request) because
+# the load generator runs on the same 2 cores as the server: httpx took ~0.57 of them at ~250 requests/s, CPU the
+# server then lacks. wrk or oha would do the same from outside Python; neither is installable here.
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+
+
+def raw_requests(base: str, model: str, texts: list[str]) -> list[bytes]:
+    host = urlsplit(base).netloc
+    bodies = (json.dumps({"model": model, "texts": [text]}).encode() for text in texts)
+    return [(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body in bodies]
+
+
+async def raw_client(base: str, requests: list[bytes], deadline: float, latencies: list, errors: list):
+    address = urlsplit(base)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    i = 0
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        try:
+            writer.write(requests[i % len(requests)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = CONTENT_LENGTH.search(head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            if head[9:12] != b"200":
+                errors.append(head[9:12].decode())
+        except Exception as err:  # noqa: BLE001 -- every failure counts as an error; the connection is renewed
+            errors.append(type(err).__name__)
+            writer.close()
+            reader, writer = await asyncio.open_connection(address.hostname, address.port)
+        latencies.append(time.perf_counter() - start)
+        i += 1
+    writer.close()
+
+
+async def level(base: str, model: str, texts: list[str], clients: int, seconds: float, kind: str) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -38,13 +80,20 @@ async def level(base: str, model: str, texts: list[str], clients: int, seconds: 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
         await http.post("/v1/classify", json={"model": model, "texts": texts[:1]})
+        if kind == "raw":
+            shares = [raw_requests(base, model, texts[k::clients]) for k in range(clients)]
+        cpu = time.process_time()
         deadline = time.perf_counter() + seconds
-        await asyncio.gather(*(client(http, "/v1/classify", model, texts[k::clients], deadline, latencies, errors)
-                               for k in range(clients)))
+        if kind == "raw":
+            await asyncio.gather(*(raw_client(base, share, deadline, latencies, errors) for share in shares))
+        else:
+            await asyncio.gather(*(client(http, "/v1/classify", model, texts[k::clients], deadline, latencies, errors)
+                                   for k in range(clients)))
+        cpu = time.process_time() - cpu
     latencies.sort()
     return {"clients": clients, "requests": len(latencies), "requests_per_s": len(latencies) / seconds,
             "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
-            "errors": len(errors)}
+            "errors": len(errors), "client_cores": cpu / seconds}
 
 
 def main() -> None:
@@ -57,26 +106,36 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="the server's --backend")
     parser.add_argument("--max-wait-ms", default="4", help="the server's --max-wait-ms")
     parser.add_argument("--workers", default="1", help="the server's --workers")
+    parser.add_argument("--max-batch", default="16", help="the server's --max-batch")
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                        help="raw: a lean keep-alive client (default); httpx: the library client")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     texts = load_dataset(DataConfig(name="ag_news", dir=SHARED_DATA / "ag_news")).splits["test"].texts
-    server_args = ("--backend", args.backend, "--max-wait-ms", args.max_wait_ms, "--workers", args.workers, "--quiet")
+    server_args = ("--backend", args.backend, "--max-wait-ms", args.max_wait_ms, "--workers", args.workers,
+                   "--max-batch", args.max_batch, "--quiet")
     with served([f"topics={args.run}"], server_args) as base:
         import httpx
 
         backend = httpx.get(base + "/v1/models").json()[0]["backend"]
-        rows = [asyncio.run(level(base, "topics", texts, n, args.seconds)) for n in (1, 8, 32)]
+        # the client holds the dataset and newstune's imports: a full collection of all that would stall every
+        # client at once and count as server latency (the server freezes its own loaded objects the same way)
+        gc.collect()
+        gc.freeze()
+        rows = [asyncio.run(level(base, "topics", texts, n, args.seconds, args.client)) for n in (1, 8, 32)]
     table = markdown_table(rows, [("clients", "concurrent clients"), ("requests", "requests"),
                                   ("requests_per_s", "requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
-                                  ("errors", "errors")])
+                                  ("errors", "errors"), ("client_cores", "client CPU, cores")])
     write_results(Path(args.out), "serve_load", {"machine": machine(), "cpu": cpu_line(), "run": str(args.run),
                                                   "backend": backend, "max_wait_ms": args.max_wait_ms,
-                                                  "workers": args.workers, "rows": rows},
-                  f"{table}\n\nserver backend: {backend}; single-text requests cycling over {len(texts):,} texts."
+                                                  "workers": args.workers, "max_batch": args.max_batch,
+                                                  "client": args.client, "rows": rows},
+                  f"{table}\n\nserver backend: {backend}, --max-batch {args.max_batch}; {args.client} client; "
+                  f"single-text requests cycling over {len(texts):,} texts."
                   f"\n{cpu_line()}")
     at_1, at_32 = rows[0], rows[-1]
     print(cpu_line())
-    print(f"backend: {backend}")
+    print(f"backend: {backend}; client: {args.client}; server --max-batch {args.max_batch}")
     print(f"p50_ms_at_1: {at_1['p50_ms']:.1f}")
     print(f"rps_at_32: {at_32['requests_per_s']:.0f}")
     print(f"p99_ms_at_32: {at_32['p99_ms']:.0f}")

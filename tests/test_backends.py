@@ -1,5 +1,6 @@
 """Inference backends: ONNX Runtime and OpenVINO exports of a tiny run, their accuracy gate, and who picks them."""
 
+import gc
 import json
 import shutil
 
@@ -239,13 +240,15 @@ def test_a_serve_worker_process_builds_its_app_from_the_environment(run_dir, mon
     from newstune.serving.serve import WORKER_OPTIONS, app_from_env
 
     monkeypatch.setenv(WORKER_OPTIONS, json.dumps({"specs": [f"topics={run_dir}"], "backend": "torch", "threads": 1,
-                                                   "max_wait_ms": 0, "max_queue": 3}))
+                                                   "max_wait_ms": 0, "max_queue": 3, "max_batch": 16}))
     threads = torch.get_num_threads()
     try:
         client = TestClient(app_from_env())
         assert torch.get_num_threads() == 1  # its share of the cores, not all of them
+        assert gc.get_freeze_count() > 0  # what the worker loaded is out of the collector's reach
     finally:
         torch.set_num_threads(threads)
+        gc.unfreeze()
     assert [m["name"] for m in client.get("/v1/models").json()] == ["topics"]
     response = client.post("/v1/classify", json={"model": "topics", "texts": ["goal match team"]})
     assert response.status_code == 200 and response.json()["results"][0]["label"] in ("business", "science", "sports")

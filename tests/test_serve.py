@@ -135,7 +135,7 @@ def test_a_bad_request_among_concurrent_ones_fails_only_itself(app, tiny_models)
         return original(texts)
 
     served.classify_cleaned = classify_cleaned
-    app = create_app({"topics": served}, max_wait_ms=200)
+    app = create_app({"topics": served}, max_wait_ms=200, max_batch=MAX_TEXTS)
 
     async def burst():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -176,6 +176,48 @@ def test_the_batcher_isolates_a_failing_request():
     assert first == [{"label": "a"}, {"label": "b"}] and last == [{"label": "c"}]
     assert isinstance(poisoned, TypeError)
     assert model.calls[0] == ["a", "b", "poison", "c"]
+
+
+def test_a_batch_holds_at_most_max_batch_texts_and_requests_keep_their_order():
+    # fails if the cap is ignored (one batch of all five texts), or a request that does not fit is split, dropped
+    # (the burst never finishes) or answered out of order
+    model = FlakyModel()
+    batcher = MicroBatcher(model, ThreadPoolExecutor(max_workers=1), max_batch=3, max_wait_ms=200)
+
+    async def burst():
+        requests = (batcher.classify(texts) for texts in (["a"], ["b"], ["c", "d"], ["e"]))
+        return await asyncio.wait_for(asyncio.gather(*requests), timeout=10)
+
+    answers = asyncio.run(burst())
+    assert answers == [[{"label": "a"}], [{"label": "b"}], [{"label": "c"}, {"label": "d"}], [{"label": "e"}]]
+    assert model.calls == [["a", "b"], ["c", "d", "e"]]
+
+
+@pytest.mark.parametrize("max_batch", [0, MAX_TEXTS + 1])
+def test_serve_refuses_a_batch_size_out_of_range_before_loading(max_batch, tmp_path):
+    # fails if the bound is not checked (or only after loading the runs: the missing run would be named instead)
+    from newstune.errors import NewstuneError
+    from newstune.serving.serve import serve
+
+    with pytest.raises(NewstuneError, match=f"--max-batch {max_batch}: give 1 to {MAX_TEXTS}"):
+        serve([str(tmp_path / "no-such-run")], "127.0.0.1", 0, max_batch=max_batch)
+
+
+def test_serve_freezes_what_it_loaded_before_it_answers(runs, monkeypatch):  # noqa: F811
+    # fails if the loaded models stay in the collector's reach: then a full collection walks them all under load
+    import gc
+
+    import uvicorn
+
+    from newstune.serving.serve import serve
+
+    frozen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: frozen.append(gc.get_freeze_count()))
+    try:
+        serve([f"topics={runs['topics']}"], "127.0.0.1", 0, backend="torch", quiet=True)
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 10_000
 
 
 def test_docs_load_nothing_from_outside(app):

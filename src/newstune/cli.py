@@ -348,11 +348,13 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; one more gets 503 + Retry-After.")] = 256,
     workers: Annotated[int, typer.Option(help="Server processes, each with its own models and share of the "
                                               "cores.")] = 1,
+    max_batch: Annotated[int, typer.Option(help="Most texts one model call takes from the queue (1-64); a request "
+                                                  "is never split.")] = 16,
 ) -> None:
     """Serve runs over HTTP: POST /v1/classify, GET /v1/models, /health, /docs, and a page at /."""
     from newstune.serving.serve import serve as run_server
 
-    run_server(runs, host, port, backend, quiet, max_wait_ms, max_queue, workers)
+    run_server(runs, host, port, backend, quiet, max_wait_ms, max_queue, workers, max_batch)
 
 
 @app.command()
