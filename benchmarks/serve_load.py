@@ -22,25 +22,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, cpu_line, machine, markdown_table, served, write_results  # noqa: E402
 
 
-async def client(http, url: str, model: str, texts: list[str], deadline: float, latencies: list, errors: list):
+async def httpx_client(http, model: str, texts: list[str], deadline: float, latencies: list[float],
+                       errors: list) -> None:
+    """One simulated client: sends its texts one per request until the deadline; a 200's latency is kept."""
     i = 0
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         try:
-            response = await http.post(url, json={"model": model, "texts": [texts[i % len(texts)]]})
-            if response.status_code != 200:
+            response = await http.post("/v1/classify", json={"model": model, "texts": [texts[i % len(texts)]]})
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
                 errors.append(response.status_code)
         except Exception as err:  # noqa: BLE001 -- every failure counts as an error
             errors.append(type(err).__name__)
-        latencies.append(time.perf_counter() - start)
         i += 1
 
 
 # The lean client: one keep-alive HTTP/1.1 connection per simulated client, request bytes built before the clock
-# starts, the answer read by its Content-Length. Written by hand (httpx and aiohttp do far more per request) because
-# the load generator runs on the same 2 cores as the server: httpx took ~0.57 of them at ~250 requests/s, CPU the
-# server then lacks. wrk or oha would do the same from outside Python; neither is installable here.
+# starts (httpx's clock also covers its JSON encoding), the answer read by its Content-Length. Written by hand (httpx
+# and aiohttp do far more per request) because the load generator runs on the same 2 cores as the server: httpx took
+# ~0.6 of them at ~240 requests/s, CPU the server then lacks. wrk or oha would do the same from outside Python;
+# neither is installable here.
 CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+CLOSE = re.compile(rb"(?i)\r\nconnection:\s*close")
+TIMEOUT_S = 30  # as the httpx client's
 
 
 def raw_requests(base: str, model: str, texts: list[str]) -> list[bytes]:
@@ -50,50 +56,75 @@ def raw_requests(base: str, model: str, texts: list[str]) -> list[bytes]:
              f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body in bodies]
 
 
-async def raw_client(base: str, requests: list[bytes], deadline: float, latencies: list, errors: list):
+async def raw_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       request: bytes) -> tuple[bytes, bool]:
+    """Send one request and read its whole answer: (status, whether the connection can carry another)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = CONTENT_LENGTH.search(head)
+    if length is None:  # chunked or unknown: the stream cannot be trusted to be in step any more
+        raise ValueError("answer without Content-Length")
+    await reader.readexactly(int(length.group(1)))
+    return head[9:12], CLOSE.search(head) is None
+
+
+async def raw_client(base: str, requests: list[bytes], deadline: float, latencies: list[float],
+                     errors: list) -> None:
+    """`httpx_client` on a raw connection: renewed after an error or a `Connection: close`."""
     address = urlsplit(base)
-    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    connection = None
     i = 0
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         try:
-            writer.write(requests[i % len(requests)])
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = CONTENT_LENGTH.search(head)
-            await reader.readexactly(int(length.group(1)) if length else 0)
-            if head[9:12] != b"200":
-                errors.append(head[9:12].decode())
-        except Exception as err:  # noqa: BLE001 -- every failure counts as an error; the connection is renewed
+            async with asyncio.timeout(TIMEOUT_S):
+                if connection is None:
+                    connection = await asyncio.open_connection(address.hostname, address.port)
+                status, keep = await raw_exchange(*connection, requests[i % len(requests)])
+            if status == b"200":
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors.append(status.decode())
+        except Exception as err:  # noqa: BLE001 -- every failure counts as an error
             errors.append(type(err).__name__)
-            writer.close()
-            reader, writer = await asyncio.open_connection(address.hostname, address.port)
-        latencies.append(time.perf_counter() - start)
+            keep = False
+        if not keep and connection is not None:
+            connection[1].close()
+            connection = None
         i += 1
-    writer.close()
+    if connection is not None:
+        connection[1].close()
+
+
+def percentile_ms(ordered: list[float], q: float) -> float:
+    return 1000 * ordered[int(len(ordered) * q)] if ordered else float("nan")
 
 
 async def level(base: str, model: str, texts: list[str], clients: int, seconds: float, kind: str) -> dict:
+    """`clients` simulated clients for `seconds`; requests/s and percentiles count answered (200) requests only."""
     import httpx
 
     latencies: list[float] = []
     errors: list = []
+    shares = [texts[k::clients] for k in range(clients)]
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S, limits=limits) as http:
         await http.post("/v1/classify", json={"model": model, "texts": texts[:1]})
         if kind == "raw":
-            shares = [raw_requests(base, model, texts[k::clients]) for k in range(clients)]
-        cpu = time.process_time()
-        deadline = time.perf_counter() + seconds
-        if kind == "raw":
-            await asyncio.gather(*(raw_client(base, share, deadline, latencies, errors) for share in shares))
+            prepared = [raw_requests(base, model, share) for share in shares]
+
+            def runners(deadline: float) -> list:
+                return [raw_client(base, requests, deadline, latencies, errors) for requests in prepared]
         else:
-            await asyncio.gather(*(client(http, "/v1/classify", model, texts[k::clients], deadline, latencies, errors)
-                                   for k in range(clients)))
-        cpu = time.process_time() - cpu
+            def runners(deadline: float) -> list:
+                return [httpx_client(http, model, share, deadline, latencies, errors) for share in shares]
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*runners(wall + seconds))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     latencies.sort()
-    return {"clients": clients, "requests": len(latencies), "requests_per_s": len(latencies) / seconds,
-            "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
-            "errors": len(errors), "client_cores": cpu / seconds}
+    return {"clients": clients, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
+            "p50_ms": percentile_ms(latencies, 0.5), "p99_ms": percentile_ms(latencies, 0.99),
+            "errors": len(errors), "client_cores": cpu / wall}
 
 
 def main() -> None:
@@ -139,7 +170,7 @@ def main() -> None:
     print(f"p50_ms_at_1: {at_1['p50_ms']:.1f}")
     print(f"rps_at_32: {at_32['requests_per_s']:.0f}")
     print(f"p99_ms_at_32: {at_32['p99_ms']:.0f}")
-    print(f"errors: {sum(r['errors'] for r in rows)} over {sum(r['requests'] for r in rows)} requests")
+    print(f"errors: {sum(r['errors'] for r in rows)} beside {sum(r['requests'] for r in rows)} answered requests")
 
 
 if __name__ == "__main__":

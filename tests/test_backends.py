@@ -245,7 +245,7 @@ def test_a_serve_worker_process_builds_its_app_from_the_environment(run_dir, mon
     try:
         client = TestClient(app_from_env())
         assert torch.get_num_threads() == 1  # its share of the cores, not all of them
-        assert gc.get_freeze_count() > 0  # what the worker loaded is out of the collector's reach
+        assert gc.get_freeze_count() > 10_000  # what the worker loaded is out of the collector's reach
     finally:
         torch.set_num_threads(threads)
         gc.unfreeze()

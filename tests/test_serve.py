@@ -3,6 +3,7 @@
 import asyncio
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -191,6 +192,43 @@ def test_a_batch_holds_at_most_max_batch_texts_and_requests_keep_their_order():
     answers = asyncio.run(burst())
     assert answers == [[{"label": "a"}], [{"label": "b"}], [{"label": "c"}, {"label": "d"}], [{"label": "e"}]]
     assert model.calls == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_a_request_whose_client_left_takes_no_place_in_a_batch():
+    # fails if a cancelled request still fills a slot of the capped batch (then "c" would wait for the next one)
+    model = FlakyModel()
+    batcher = MicroBatcher(model, ThreadPoolExecutor(max_workers=1), max_batch=2, max_wait_ms=200)
+    batcher.recent_sizes.append(2)  # two clients were in flight lately: a batch waits for a second request
+
+    async def burst():
+        first = asyncio.ensure_future(batcher.classify(["a"]))
+        left = asyncio.ensure_future(batcher.classify(["b"]))
+        await asyncio.sleep(0)  # both are queued
+        left.cancel()
+        return await asyncio.wait_for(asyncio.gather(first, batcher.classify(["c"])), timeout=10)
+
+    assert asyncio.run(burst()) == [[{"label": "a"}], [{"label": "c"}]]
+    assert model.calls == [["a", "c"]]
+
+
+def test_requests_waiting_for_a_stopped_worker_are_failed_not_left_hanging():
+    # fails if queued (or carried-over) requests wait forever once the batch worker is gone
+    class Slow(FlakyModel):
+        def classify_cleaned(self, texts: list[str]) -> list[dict]:
+            time.sleep(0.3)
+            return super().classify_cleaned(texts)
+
+    batcher = MicroBatcher(Slow(), ThreadPoolExecutor(max_workers=1), max_batch=1, max_wait_ms=0)
+
+    async def burst():
+        requests = [asyncio.ensure_future(batcher.classify([t])) for t in "abc"]
+        await asyncio.sleep(0.1)  # "a" runs, "b" is carried or queued, "c" queued
+        batcher.task.cancel()
+        return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), timeout=10)
+
+    answers = asyncio.run(burst())
+    assert all(isinstance(a, (RuntimeError, asyncio.CancelledError)) for a in answers)
+    assert sum(isinstance(a, RuntimeError) for a in answers) >= 2
 
 
 @pytest.mark.parametrize("max_batch", [0, MAX_TEXTS + 1])
