@@ -276,3 +276,20 @@ def test_predict_labels_good_rows_and_gives_bad_ones_their_own_error(runs, tmp_p
     assert "no visible character" in out[3]["error"]
     assert out[4]["predicted_label"] and not out[4]["error"]
     assert not any(cell.startswith(("=", "+", "@")) for row in out for cell in row.values())
+
+
+@pytest.mark.parametrize("argv, named", [(["serve", "run", "--max-batch", "abc"], "--max-batch"),
+                                         (["serve"], "Missing argument"), (["nosuch"], "No such command")])
+def test_a_usage_error_is_one_line_naming_the_help(argv, named, monkeypatch, capsys):
+    # fails if a wrong value type, a missing argument or an unknown command prints the multi-line usage box again
+    import sys
+
+    from newstune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["newstune", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert err[0].endswith(f"(see newstune{' serve' if argv[0] == 'serve' else ''} --help)")

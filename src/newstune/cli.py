@@ -499,13 +499,24 @@ def models_list() -> None:
 
 def main() -> None:
     try:
-        app()
+        code = app(prog_name="newstune", standalone_mode=False)  # usage errors reach us, not as typer's box
+    except typer.TyperException as err:  # a value of the wrong type, a missing argument, an unknown option
+        context = getattr(err, "ctx", None)
+        where = context.command_path if context is not None else "newstune"
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        if message:  # none when the help itself was the answer (`newstune` alone prints it)
+            typer.echo(f"error: {message} (see {where} --help)", err=True)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl+C outside a command's own handling
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except Interrupted as err:
         typer.echo(str(err), err=True)
         sys.exit(130)
     except NewstuneError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
