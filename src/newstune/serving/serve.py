@@ -140,8 +140,8 @@ class MicroBatcher:
 
     A batch takes what queued while the last one ran, then waits up to `max_wait_ms` for more -- but only until it
     holds as many requests as the largest of the last few batches: that is how many clients are in flight (when under
-    the cap), so
-    waiting longer only adds latency (one client never waits at all; 32 stop waiting once the 32nd arrives).
+    the cap), so waiting longer only adds latency (one client never waits at all; 32 stop waiting once the 32nd
+    arrives).
     A batch holds at most `max_batch` texts, or one request alone when it has more (a request is never split: one
     that does not fit opens the next batch, so requests keep their order); a request whose client left takes no
     place. At most `max_queue` requests wait; one more is refused (Overloaded) instead of piling up latency.
