@@ -3,10 +3,15 @@
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
 
 from newstune.config import validate
-from newstune.modeling.attention_dropout import move_attention_dropout_to_context
+from newstune.modeling.attention_dropout import (
+    FP32_TRAINING_SDPA,
+    move_attention_dropout_to_context,
+    use_fp32_training_attention,
+)
 from newstune.modeling.fast_dropout import FastDropout, use_fast_dropout
 from newstune.training.train import Trainer
 
@@ -66,3 +71,58 @@ def test_train_attention_dropout_reaches_the_model(tiny_models, tiny_data, where
     trainer.setup()
     names = [name for name, _ in trainer.model.named_modules()]
     assert any(name.endswith("context_dropout") for name in names) is moved
+
+
+class AttentionDtypes(TorchDispatchMode):
+    """The dtype of the query every fused or math SDPA call receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_attention_runs_fused_in_fp32_and_evaluation_in_the_models_precision():
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(BertConfig(**SMALL, num_labels=3),
+                                                           attn_implementation="sdpa")
+    ids = torch.randint(5, 60, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids, attention_mask=mask).logits
+    move_attention_dropout_to_context(model)
+    assert model.config._attn_implementation == FP32_TRAINING_SDPA  # fails if the switch is not made
+    model.train()
+    with AttentionDtypes() as dtypes, torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert dtypes.seen == [torch.float32, torch.float32]  # fails if training attention stays in bf16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with AttentionDtypes() as dtypes, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert dtypes.seen == [torch.bfloat16, torch.bfloat16]  # evaluation: the faster bf16 forward, unchanged
+    torch.testing.assert_close(after, before)
+
+
+def test_fp32_training_attention_gives_sdpas_result():
+    # in fp32 (nothing to upcast) and with padding: the function is transformers' SDPA, value for value
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(
+        BertConfig(**{**SMALL, "attention_probs_dropout_prob": 0.0}, num_labels=3), attn_implementation="sdpa")
+    ids = torch.randint(5, 60, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    model.train()
+    reference = model(input_ids=ids, attention_mask=mask).logits
+    assert use_fp32_training_attention(model)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 everywhere else: close to the fp32 model
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits.float(), reference,
+                                   atol=0.05, rtol=0.05)

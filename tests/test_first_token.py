@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForSequenceClassification,
     CamembertConfig,
@@ -163,3 +164,27 @@ def test_the_check_compares_an_fp32_model_in_fp32_under_accelerates_bf16_wrapper
     assert run_last_layer_on_first_token(accelerator.unwrap_model(model))
     assert seen and not any(seen), "the check's forwards ran under bf16 autocast"
     AcceleratorState._reset_state(reset_partial_state=False)
+
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_first_token_layer_expands_no_weight_to_the_batch(tiny_models, arch):
+    # hidden_states[:, :1] is a strided slice: a linear layer on it falls back to a batched matmul over a copy of
+    # its weight per row (~8 ms a MiniLM step on the AMX Xeon). Fails if the slice stops being made contiguous.
+    from torch.profiler import profile
+
+    # with LoRA the base projections are frozen: a strided input then takes the batched path (a trained weight,
+    # as in a full fine-tune, folds the slice into one matrix product)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models[arch], num_labels=3)
+    targets = ["query", "value"] if arch == "bert" else ["q", "v"]
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=targets))
+    assert run_last_layer_on_first_token(model)
+    layer = encoder_model(model).encoder.layer[-1]
+    size = model.config.hidden_size
+    hidden = torch.randn(3, 12, size, requires_grad=True)
+    with profile(record_shapes=True) as prof:
+        out = layer(hidden)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    weight_shaped = [event.input_shapes for event in prof.events() if event.name == "aten::bmm"
+                     and any(list(shape[-2:]) == [size, size] for shape in event.input_shapes if len(shape) == 3)]
+    assert not weight_shaped

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from newstune.modeling.attention_dropout import FP32_TRAINING_SDPA
+
 logger = logging.getLogger(__name__)
 
 # Heads that read only token 0 of the last hidden state.
@@ -33,7 +35,8 @@ def run_last_layer_on_first_token(model: torch.nn.Module) -> bool:
     if type(task_model).__name__ not in HEADS_READING_TOKEN_0 or getattr(task_model.config, "is_decoder", False):
         return False
     layer = _last_layer(task_model)
-    if hasattr(layer.attention, "self") and task_model.config._attn_implementation in ("sdpa", "eager"):
+    sdpa_or_eager = task_model.config._attn_implementation in ("sdpa", "eager", FP32_TRAINING_SDPA)
+    if hasattr(layer.attention, "self") and sdpa_or_eager:
         patched = _bert_layer_forward(layer)
     elif hasattr(layer.attention, "attn"):
         patched = _mpnet_layer_forward(layer)
@@ -117,7 +120,7 @@ def _bert_layer_forward(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
     attention = layer.attention.self
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        first = hidden_states[:, :1]
+        first = hidden_states[:, :1].contiguous()  # strided, it made frozen (LoRA) linears copy their weight per row
         size = attention.attention_head_size
         context = F.scaled_dot_product_attention(
             _heads(attention.query(first), size), _heads(attention.key(hidden_states), size),
@@ -135,7 +138,7 @@ def _mpnet_layer_forward(layer: torch.nn.Module) -> Callable[..., tuple[torch.Te
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_bias: torch.Tensor | None = None, *args, **kwargs):
-        first = hidden_states[:, :1]
+        first = hidden_states[:, :1].contiguous()  # strided, it made frozen (LoRA) linears copy their weight per row
         size = attention.attention_head_size
         scores = _heads(attention.q(first), size) @ _heads(attention.k(hidden_states), size).transpose(-1, -2)
         scores = scores / size**0.5
