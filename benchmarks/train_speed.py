@@ -67,7 +67,7 @@ ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
              "newstune-no-fused-adamw": {"fused_adamw": False}}
 # Rows with one more change switched on: torch.compile (LayerNorm/GELU/residual fusion by Inductor), re-measured on
 # whichever CPU runs the ablation.
-ADDITIONS = {"newstune-compiled": {"compile": True},
+ADDITIONS = {"newstune-compiled": {"compile": True}, "newstune-bf16-norm": {"bf16_norm_output": True},
              "newstune-context-dropout": {"attention_dropout": "context"}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 

@@ -153,6 +153,9 @@ class TrainSettings(_Section):
         "model was pre-trained), or 'context': on the attention output before its projection, which keeps CPU "
         "SDPA on its fused kernel (BERT-style layers; a different regulariser; measured 0.77x slower on a Zen 4 "
         "CPU, docs/performance.md).")
+    bf16_norm_output: bool = Field(False, description="CPU autocast: LayerNorm returns bf16 (fp32 statistics) "
+                                   "instead of fp32, so the linear layers reading it do not each cast it again; "
+                                   "the residual stream is then held in bf16.")
     fused_adamw: bool = Field(True, description="AdamW's fused kernel (one pass over every parameter, CPU and "
                               "CUDA) instead of torch's default path (a per-tensor loop on CPU); same update up to "
                               "rounding.")

@@ -46,6 +46,7 @@ from newstune.modeling.fast_dropout import use_fast_dropout
 from newstune.modeling.first_token import restore_full_last_layer, run_last_layer_on_first_token
 from newstune.modeling.frozen_prefix import FrozenPrefix
 from newstune.modeling.infer import predict_logits
+from newstune.modeling.low_precision_norm import use_low_precision_norm_output
 from newstune.modeling.model import (
     build_model,
     check_max_length,
@@ -204,7 +205,7 @@ class Trainer:
         self.tokenizer = None
         self.parameters: dict = {}
         self.frozen_dtype = "fp32"
-        self.fast_dropout = self.first_token_only = False
+        self.fast_dropout = self.first_token_only = self.bf16_norm_output = False
         self.encoded: dict[str, list[list[int]]] = {}
         self.train_ids: list[list[int]] = []  # the training split's ids, then any unlabelled texts' (distill)
         self.batch_sampler: LengthGroupedBatchSampler | None = None
@@ -251,6 +252,8 @@ class Trainer:
             self.frozen_dtype = "bf16"
         if cfg.attention_dropout == "context":
             move_attention_dropout_to_context(self.model)
+        self.bf16_norm_output = cfg.bf16_norm_output and self.device == "cpu" and self.precision == "bf16" \
+            and use_low_precision_norm_output(self.model) > 0
         self.fast_dropout = cfg.fast_dropout and self.device == "cpu"
         if self.fast_dropout:
             use_fast_dropout(self.model)
@@ -664,7 +667,8 @@ class Trainer:
         figures = {
             "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
             "fast_dropout": self.fast_dropout, "first_token_last_layer": self.first_token_only,
-            "threads": self.threads, "num_processes": self.accelerator.num_processes,
+            "bf16_norm_output": self.bf16_norm_output, "threads": self.threads,
+            "num_processes": self.accelerator.num_processes,
             "epochs_run": round(s.global_step / self.steps_per_epoch, 2), "optimizer_steps": s.global_step,
             "train_seconds": s.train_seconds, "setup_seconds": self.setup_seconds,
             "wall_seconds_to_trained": self.seconds_to_trained,
