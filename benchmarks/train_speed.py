@@ -19,8 +19,9 @@ included; evaluation excluded (timed apart). The same precision for every conten
 With --ablation the contenders are hf-expert, newstune, and one newstune row per optimisation with only that
 optimisation switched off (length-grouped batches, fast dropout masks, bf16-held frozen weights, the last layer run
 for token 0 only, fused AdamW): what each change contributes is newstune's tokens/s over that row's; and one row with
-torch.compile switched on, one with attention dropout on the context (`train.attention_dropout: context`, which keeps
-CPU SDPA fused); a speed-up > 1 there would make the change worth its accuracy check.
+torch.compile switched on, one with attention dropout on the context (`train.attention_dropout: context`: CPU SDPA's
+fused kernel, trained in fp32; another regulariser, set by the AG News main recipe), one with LayerNorm returning bf16
+(`train.bf16_norm_output`), one with both; a speed-up > 1 there would make the change worth its accuracy check.
 Every contender runs with the same torch thread count (newstune's default: one per physical core), recorded per row;
 padding is measured the same way for all: the tensor widths of the batches each one actually trains on. The table
 labels each row "same FLOPs", "same result, fewer FLOPs" (the first-token last layer) or different work; the
@@ -68,7 +69,8 @@ ABLATIONS = {"newstune-no-length-groups": {"group_by_length": False},
 # Rows with one more change switched on: torch.compile (LayerNorm/GELU/residual fusion by Inductor), re-measured on
 # whichever CPU runs the ablation.
 ADDITIONS = {"newstune-compiled": {"compile": True}, "newstune-bf16-norm": {"bf16_norm_output": True},
-             "newstune-context-dropout": {"attention_dropout": "context"}}
+             "newstune-context-dropout": {"attention_dropout": "context"},
+             "newstune-context-dropout-bf16-norm": {"attention_dropout": "context", "bf16_norm_output": True}}
 HYPER = {"lr": 2e-4, "batch_size": 16, "epochs": 1, "weight_decay": 0.01, "seed": 42, "max_length": 128}
 
 

@@ -71,6 +71,7 @@ def test_train_attention_dropout_reaches_the_model(tiny_models, tiny_data, where
     trainer.setup()
     names = [name for name, _ in trainer.model.named_modules()]
     assert any(name.endswith("context_dropout") for name in names) is moved
+    assert trainer.loop_figures()["attention_dropout"] == where  # what metrics.json records
 
 
 class AttentionDtypes(TorchDispatchMode):

@@ -150,9 +150,9 @@ class TrainSettings(_Section):
     group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
     attention_dropout: Literal["probabilities", "context"] = Field(
         "probabilities", description="Where attention dropout applies: on the attention probabilities (as the "
-        "model was pre-trained), or 'context': on the attention output before its projection, which keeps CPU "
-        "SDPA on its fused kernel (BERT-style layers; a different regulariser; measured 0.77x slower on a Zen 4 "
-        "CPU, docs/performance.md).")
+        "model was pre-trained), or 'context': on the attention output before its projection, with the attention "
+        "trained in CPU SDPA's fused kernel in fp32 (BERT-style layers; a different regulariser: on the AG News main "
+        "recipe, which sets it, 1.21x faster at validation accuracy equal within one spread; docs/performance.md).")
     bf16_norm_output: bool = Field(False, description="CPU autocast: LayerNorm returns bf16 (fp32 statistics) "
                                    "instead of fp32, so the linear layers reading it do not each cast it again; "
                                    "the residual stream is then held in bf16.")

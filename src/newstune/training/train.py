@@ -206,6 +206,7 @@ class Trainer:
         self.parameters: dict = {}
         self.frozen_dtype = "fp32"
         self.fast_dropout = self.first_token_only = self.bf16_norm_output = False
+        self.attention_dropout = "probabilities"  # where the model's attention dropout applies once set up
         self.encoded: dict[str, list[list[int]]] = {}
         self.train_ids: list[list[int]] = []  # the training split's ids, then any unlabelled texts' (distill)
         self.batch_sampler: LengthGroupedBatchSampler | None = None
@@ -250,8 +251,8 @@ class Trainer:
         if self.config.lora.method == "lora" and self.precision == "bf16" and cfg.bf16_frozen_weights:
             hold_frozen_in(self.model, torch.bfloat16)
             self.frozen_dtype = "bf16"
-        if cfg.attention_dropout == "context":
-            move_attention_dropout_to_context(self.model)
+        moved = cfg.attention_dropout == "context" and move_attention_dropout_to_context(self.model) > 0
+        self.attention_dropout = "context" if moved else "probabilities"
         self.bf16_norm_output = cfg.bf16_norm_output and self.device == "cpu" and self.precision == "bf16" \
             and use_low_precision_norm_output(self.model) > 0
         self.fast_dropout = cfg.fast_dropout and self.device == "cpu"
@@ -667,7 +668,8 @@ class Trainer:
         figures = {
             "precision": self.precision, "frozen_weights_dtype": self.frozen_dtype, "device": self.device,
             "fast_dropout": self.fast_dropout, "first_token_last_layer": self.first_token_only,
-            "bf16_norm_output": self.bf16_norm_output, "threads": self.threads,
+            "bf16_norm_output": self.bf16_norm_output, "attention_dropout": self.attention_dropout,
+            "threads": self.threads,
             "num_processes": self.accelerator.num_processes,
             "epochs_run": round(s.global_step / self.steps_per_epoch, 2), "optimizer_steps": s.global_step,
             "train_seconds": s.train_seconds, "setup_seconds": self.setup_seconds,
