@@ -13,7 +13,8 @@ Contenders, each in its own process, one after another, on all AG News training 
   LoRA rank, alpha, dropout and target modules, lr, epochs, batch size, schedule and warmup, weight decay, gradient
   clipping), bf16 where native, SDPA attention, fused AdamW, dynamic padding and group_by_length, seeded before the
   head and the LoRA matrices are created (layer-wise lr decay is newstune's: the Trainer has no such flag);
-- newstune: `recipes/ag_news/<model>_lora.yaml` as it stands (identical work);
+- newstune: `recipes/ag_news/<model>_lora.yaml` as it stands (identical work, except where the recipe sets
+  `train.attention_dropout: context`, as the MiniLM one does since 2026-12-07: another regulariser, printed);
 - newstune-fastest: `recipes/ag_news/<model>_lora_cached.yaml` (LoRA in the top layers, the frozen lower layers
   cached: different work, labelled so).
 Early stopping is off for all, so each trains its epochs. Every contender scores the same stratified subsets of the
@@ -213,10 +214,13 @@ def mean_minutes(curves: list[list[dict]], threshold: float) -> tuple[float | No
     return statistics.mean(reached), statistics.stdev(reached) if len(reached) > 1 else 0.0, len(reached)
 
 
-def summary_row(contender: str, curves: list[list[dict]], thresholds: list[float]) -> dict:
+def summary_row(contender: str, curves: list[list[dict]], thresholds: list[float], model: str) -> dict:
     finals = [c[-1]["accuracy"] for c in curves]
+    where = recipe(model, contender, 0, 0)["train"].get("attention_dropout", "probabilities")
+    dropout = "" if where == "probabilities" else f" (attention dropout on the {where}: another regulariser)"
     work = {"hf-expert": "same model and hyperparameters, no layer-wise lr decay (no Trainer flag for it)",
-            "newstune": "the recipe as it stands", "newstune-fastest": "different: lower layers cached"}
+            "newstune": f"the recipe as it stands{dropout}",
+            "newstune-fastest": f"different: lower layers cached{dropout}"}
     row = {"contender": contender, "work": work[contender]}
     for threshold in thresholds:
         mean, std, n = mean_minutes(curves, threshold)
@@ -282,7 +286,7 @@ def driver_main(args: argparse.Namespace) -> None:
             result = json.loads(result_file.read_text())
             curves[contender].append(selected(result["curve"]))
             precision = result["precision"]
-    rows = [summary_row(contender, runs, thresholds) for contender, runs in curves.items()]
+    rows = [summary_row(contender, runs, thresholds, args.model) for contender, runs in curves.items()]
     columns = [("contender", "contender"), ("work", "work"),
                *[(f"to_{t:.1%}", f"minutes to {t:.1%}") for t in thresholds],
                ("final", "final accuracy"), ("train_minutes", "training minutes")]
