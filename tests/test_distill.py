@@ -116,10 +116,38 @@ def test_teacher_logits_are_cached_and_a_damaged_cache_is_recomputed(teacher, mo
     first = teacher_logits(teacher, texts, labels, False)
     monkeypatch.setattr(distill, "load_run", lambda *a, **k: pytest.fail("the cached logits were not used"))
     assert torch.equal(teacher_logits(teacher, texts, labels, False), first)
-    for cached in (Path.cwd() / "cache" / "teacher").glob("*.safetensors"):
+    stores = list((Path.cwd() / "cache" / "teacher").rglob("*.safetensors"))
+    assert stores
+    for cached in stores:
         cached.write_bytes(b"not a safetensors file")
     monkeypatch.undo()
     assert torch.equal(teacher_logits(teacher, texts, labels, False), first)
+
+
+def test_teacher_logits_are_computed_once_per_text(teacher, monkeypatch):
+    # fails if the cache is keyed by the whole list (a longer unlabelled file recomputed every text) or if rows come
+    # back in another order than the texts asked for
+    old = [text for text, _ in synthetic_rows(12, 21)]
+    new = [text for text, _ in synthetic_rows(5, 22)]
+    labels = load_run(teacher).label_names
+    computed: list[int] = []
+    real_load_run = distill.load_run
+
+    def counting_load_run(*args, **kwargs):
+        run = real_load_run(*args, **kwargs)
+        real_logits = run.logits
+        run.logits = lambda texts, *a, **k: (computed.append(len(texts)), real_logits(texts, *a, **k))[1]
+        return run
+
+    monkeypatch.setattr(distill, "load_run", counting_load_run)
+    first = teacher_logits(teacher, old, labels, False)
+    both = teacher_logits(teacher, new + old + new[:2], labels, False)  # a repeated text is computed once
+    assert computed == [len(set(old)), len(set(new) - set(old))]
+    torch.testing.assert_close(both[len(new):len(new) + len(old)], first)
+    torch.testing.assert_close(both[-2:], both[:2])
+    alone = teacher_logits(teacher, new[::-1], labels, False)  # all known now: nothing computed, texts' order
+    assert len(computed) == 2
+    torch.testing.assert_close(alone, both[:len(new)].flip(0))
 
 
 def test_a_teacher_of_other_labels_or_unfinished_is_refused_in_one_line(teacher, tmp_path):

@@ -1,11 +1,14 @@
-"""LayerNorm that returns the autocast dtype (bf16) on CPU instead of fp32.
+"""LayerNorm that returns the autocast dtype (bf16) on CPU.
 
-Under CPU autocast, layer_norm runs in fp32 and returns fp32, so every linear layer that reads a LayerNorm's output
-casts the same activations back to bf16 on its own (query, key, value, LoRA's A matrices, the FFN: five casts of one
-tensor per attention block, and as many casts of the gradients back). torch's CPU layer_norm accepts a bf16 input
-with fp32 (trainable) or bf16 (frozen) weights, accumulates in fp32 and returns bf16: the statistics keep fp32
-precision, the output is rounded once. The cost is a residual stream held in bf16 (BERT-style layers normalise it
-after every sub-layer), a different numeric path from autocast's, so it is opt-in (`train.bf16_norm_output`).
+CPU autocast runs layer_norm in its input's dtype. In a model whose embeddings are fp32 (a full fine-tune) the
+embedding sum is fp32, so the embeddings' LayerNorm returns fp32, each residual add (bf16 sub-layer output + fp32
+stream) is fp32 and so is every LayerNorm after it: the whole residual stream stays fp32, and every linear layer
+reading it casts the same activations to bf16 on its own (query, key, value, the FFN), with as many casts of the
+gradients back. Here a LayerNorm under CPU autocast returns bf16: torch's CPU layer_norm takes fp32 or bf16 inputs
+and weights and accumulates in fp32, so the statistics keep fp32 precision and the output is rounded once. The cost
+is a residual stream held in bf16, a different numeric path, so it is opt-in (`train.bf16_norm_output`). With
+bf16-held frozen weights (LoRA) the stream is bf16 already and this changes nothing. Measured 1.02-1.03x on the AMX
+Xeon (docs/performance.md): not adopted by any recipe.
 """
 
 from __future__ import annotations

@@ -96,51 +96,69 @@ def read_unlabelled(path: Path, column: str, clean: CleanConfig, limit: int | No
     return texts[:limit] if limit else texts
 
 
-def _cache_key(run_dir: Path, texts: list[str]) -> str:
+def _teacher_fingerprint(run_dir: Path) -> str:
+    """One logits store per teacher state: a retrained or replaced teacher, or one whose decision rule now blends in
+    its TF-IDF model, gets a new store."""
     digest = hashlib.sha256(str(run_dir.resolve()).encode())
-    # a retrained or replaced teacher, or one whose decision rule now blends in its TF-IDF model, is a new key
     files = [*(run_dir / MODEL_DIR).iterdir(), run_dir / DECISION_FILE,
              *((run_dir / ENSEMBLE_DIR).iterdir() if (run_dir / ENSEMBLE_DIR).is_dir() else [])]
     for path in sorted(files):
         if path.is_file():
             stat = path.stat()
             digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
     return digest.hexdigest()[:32]
 
 
-def _read_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
-    """Cached logits of the expected shape, or None: a damaged or foreign file is recomputed, never trusted."""
+def _text_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]
+
+
+def _read_store(path: Path, labels: int) -> tuple[dict[bytes, int], torch.Tensor]:
+    """The store's rows by text digest, and its logits; empty for a missing, damaged or foreign file (recomputed,
+    never trusted)."""
+    empty = ({}, torch.empty(0, labels))
+    if not path.is_file():
+        return empty
     try:
         with safe_open(str(path), framework="pt") as handle:
-            logits = handle.get_tensor("logits")
-    except Exception:  # noqa: BLE001 - any unreadable cache entry is simply recomputed
-        return None
-    if tuple(logits.shape) != shape or logits.dtype != torch.float32 or not torch.isfinite(logits).all():
-        return None
-    return logits
+            digests, logits = handle.get_tensor("digests"), handle.get_tensor("logits")
+    except Exception:  # noqa: BLE001 - any unreadable store is simply recomputed
+        return empty
+    if (digests.dtype != torch.uint8 or digests.ndim != 2 or digests.shape[1] != 16 or logits.dtype != torch.float32
+            or tuple(logits.shape) != (len(digests), labels) or not torch.isfinite(logits).all()):
+        return empty
+    return {bytes(row): i for i, row in enumerate(digests.numpy())}, logits
 
 
 def teacher_logits(run_dir: Path, texts: list[str], label_names: list[str], multi_label: bool,
                    batch_size: int = 64) -> torch.Tensor:
-    """The teacher's fp32 logits for `texts` (its own tokenizer, max_length and precision), cached on disk."""
-    path = cache_dir() / "teacher" / f"{_cache_key(run_dir, texts)}.safetensors"
-    cached = _read_cached(path, (len(texts), len(label_names))) if path.is_file() else None
-    if cached is not None:
-        log.info("teacher logits of %d texts from the cache %s", len(texts), path)
-        return cached
-    run = load_run(run_dir)  # validates the teacher's files like any run's
-    if run.label_names != label_names or run.decision.multi_label != multi_label:
-        raise NewstuneError(f"distill.teacher {run_dir} predicts labels {run.label_names} but the student's data "
-                            f"has {label_names}; a teacher must be trained on the same labels, in the same order")
-    ids = tokenize_texts(run.tokenizer, texts, run.config.data.max_length, cache_dir() / "tokens")
-    logits = torch.from_numpy(run.logits(texts, ids, batch_size, progress=True, desc="teacher")).float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({"logits": logits.contiguous()}, str(partial))
-    partial.replace(path)
-    return logits
+    """The teacher's fp32 logits for `texts` (its own tokenizer, max_length and precision), cached on disk per text:
+    a later call computes only the texts the store does not hold yet (a longer unlabelled file, a new split)."""
+    store = cache_dir() / "teacher" / _teacher_fingerprint(run_dir) / "logits.safetensors"
+    rows, known = _read_store(store, len(label_names))
+    digests = [_text_digest(text) for text in texts]
+    missing = list(dict.fromkeys(d for d in digests if d not in rows))  # in order, each text once
+    if missing:
+        run = load_run(run_dir)  # validates the teacher's files like any run's
+        if run.label_names != label_names or run.decision.multi_label != multi_label:
+            raise NewstuneError(f"distill.teacher {run_dir} predicts labels {run.label_names} but the student's "
+                                f"data has {label_names}; a teacher must be trained on the same labels, in the same "
+                                "order")
+        first_text = dict(zip(digests, texts, strict=True))
+        new_texts = [first_text[d] for d in missing]
+        ids = tokenize_texts(run.tokenizer, new_texts, run.config.data.max_length, cache_dir() / "tokens")
+        new = torch.from_numpy(run.logits(new_texts, ids, batch_size, progress=True, desc="teacher")).float()
+        rows |= {d: len(known) + i for i, d in enumerate(missing)}
+        known = torch.cat([known, new])
+        store.parent.mkdir(parents=True, exist_ok=True)
+        partial = store.with_suffix(".partial")
+        ordered = sorted(rows, key=rows.get)
+        save_file({"digests": torch.tensor([list(d) for d in ordered], dtype=torch.uint8).reshape(-1, 16),
+                   "logits": known.contiguous()}, str(partial))
+        partial.replace(store)
+    log.info("teacher logits of %d texts: %d from the cache %s, %d computed", len(texts), len(texts) - len(missing),
+             store, len(missing))
+    return known[[rows[d] for d in digests]]
 
 
 def prepare_teacher(settings: DistillSettings, seed: int, train_texts: list[str], held_out: set[str],
