@@ -280,6 +280,8 @@ def work_label(contender: str) -> str:
         label += "; ablation: " + ", ".join(f"{k}={v}" for k, v in ABLATIONS[contender].items())
     if contender in ADDITIONS:
         label += "; added: " + ", ".join(f"{k}={v}" for k, v in ADDITIONS[contender].items())
+        if ADDITIONS[contender].get("attention_dropout") == "context":
+            label = label.replace("same result", "another regulariser (attention dropout on the context)")
     return label
 
 

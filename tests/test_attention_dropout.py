@@ -7,12 +7,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
 
 from newstune.config import validate
-from newstune.modeling.attention_dropout import (
+from newstune.modeling.attention_dropout import move_attention_dropout_to_context
+from newstune.modeling.fast_dropout import FastDropout, use_fast_dropout
+from newstune.modeling.fp32_attention import (
     FP32_TRAINING_SDPA,
-    move_attention_dropout_to_context,
+    sdpa_fp32_when_training_on_cpu,
     use_fp32_training_attention,
 )
-from newstune.modeling.fast_dropout import FastDropout, use_fast_dropout
 from newstune.training.train import Trainer
 
 from .conftest import tiny_config
@@ -72,6 +73,7 @@ def test_train_attention_dropout_reaches_the_model(tiny_models, tiny_data, where
     names = [name for name, _ in trainer.model.named_modules()]
     assert any(name.endswith("context_dropout") for name in names) is moved
     assert trainer.loop_figures()["attention_dropout"] == where  # what metrics.json records
+    assert trainer.first_token_only  # fails if the first-token layer does not know the fp32 attention's name
 
 
 class AttentionDtypes(TorchDispatchMode):
@@ -124,6 +126,23 @@ def test_fp32_training_attention_gives_sdpas_result():
     reference = model(input_ids=ids, attention_mask=mask).logits
     assert use_fp32_training_attention(model)
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 everywhere else: close to the fp32 model
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits.float(), reference,
-                                   atol=0.05, rtol=0.05)
+
+
+def test_fp32_training_attention_matches_fp32_sdpa_and_ignores_padded_keys():
+    # the function itself, on bf16 inputs and transformers' boolean padding mask (True = attend): fails if the mask
+    # is turned into a float (True/False as 1/0 added to the scores), if the result is not the fp32 one rounded
+    # once, or if padded keys leak into the output
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 16).bfloat16() for _ in range(3))
+    attend = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    attend[1, :, :, 5:] = False
+    module = torch.nn.Module().train()
+    out, _ = sdpa_fp32_when_training_on_cpu(module, q, k, v, attend, dropout=0.0, scaling=0.25, is_causal=False)
+    assert out.dtype == torch.bfloat16
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attend,
+                                                                 scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-8)
+    v2 = v.clone()
+    v2[1, :, 5:] = 100.0  # values of padded keys
+    out2, _ = sdpa_fp32_when_training_on_cpu(module, q, k, v2, attend, dropout=0.0, scaling=0.25, is_causal=False)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)

@@ -141,12 +141,17 @@ def test_teacher_logits_are_computed_once_per_text(teacher, monkeypatch):
 
     monkeypatch.setattr(distill, "load_run", counting_load_run)
     first = teacher_logits(teacher, old, labels, False)
+    assert computed == [len(set(old))]
+    with pytest.raises(NewstuneError, match="same labels"):  # cached texts, labels in another order: refused
+        teacher_logits(teacher, old, labels[::-1], False)
+    computed.clear()
+    assert torch.equal(teacher_logits(teacher, old, labels, False), first) and not computed
     both = teacher_logits(teacher, new + old + new[:2], labels, False)  # a repeated text is computed once
-    assert computed == [len(set(old)), len(set(new) - set(old))]
+    assert computed == [len(set(new) - set(old))]
     torch.testing.assert_close(both[len(new):len(new) + len(old)], first)
     torch.testing.assert_close(both[-2:], both[:2])
     alone = teacher_logits(teacher, new[::-1], labels, False)  # all known now: nothing computed, texts' order
-    assert len(computed) == 2
+    assert len(computed) == 1
     torch.testing.assert_close(alone, both[:len(new)].flip(0))
 
 

@@ -370,6 +370,17 @@ def test_fast_dropout_drops_p_and_rescales():
     assert layer.eval()(x) is x
 
 
+def test_fast_dropout_keeps_the_exact_scale_in_bf16():
+    # fails if the scale is rounded to bf16 before the multiply (1/0.9 -> 1.109375: every kept value 0.15% small)
+    torch.manual_seed(0)
+    x = torch.randn(1000, 1000).bfloat16()
+    out = FastDropout(0.1).train()(x)
+    kept = out != 0
+    assert out.dtype == torch.bfloat16
+    ratio = (out[kept].double() / x[kept].double()).mean().item()
+    assert ratio == pytest.approx(1 / 0.9, rel=3e-4)
+
+
 def test_fast_dropout_trains_like_torch_dropout(tiny_models, tiny_data, tmp_path):
     overrides = {"lora.dropout": 0.1, "train.epochs": 8, "eval.calibration": "none"}  # the model's own loss
     _, fast = run_tiny(tiny_models, tiny_data, tmp_path, "fast", **overrides)

@@ -1,5 +1,4 @@
-"""Attention dropout moved from the attention probabilities to the attention's output (the context vectors), and
-the fused attention kernel run in fp32 while training on a CPU.
+"""Attention dropout moved from the attention probabilities to the attention's output (the context vectors).
 
 On CPU, `scaled_dot_product_attention` with a non-zero dropout leaves its fused flash kernel for the unfused math
 path (softmax, a bernoulli mask over every query-key pair, two matmuls): ~16% of a MiniLM LoRA step. Dropping the
@@ -7,44 +6,16 @@ context (batch x tokens x hidden, before the output projection) instead keeps th
 random numbers. It is a different regulariser (DropKey and dropout on the attention output are the published
 relatives), so it is opt-in (`train.attention_dropout: context`).
 
-The fused kernel's bf16 *backward* is slow on the CPUs measured (torch 2.13; AMX Xeon, 2026-12-07, 12 heads of 32,
-batch 16 x 64 tokens: forward + backward 14.8 ms in bf16 against 3.1 ms in fp32 with the casts, while the bf16
-forward alone is faster, 0.58 vs 1.0 ms). That is why moving the dropout alone was measured slower (0.77x on a
-Zen 4): the fused bf16 kernel replaced a faster math path. So while training on a CPU with 16-bit activations and no
-dropout inside the attention, the attention here runs the fused kernel in fp32 (`newstune_sdpa`, registered with
-transformers' AttentionInterface: the library's own hook for an attention function); evaluation and inference keep
-transformers' SDPA in the model's precision, where the bf16 forward is the faster one.
+On CPU the fused kernel's bf16 backward is slower than the math path it would replace (why moving the dropout
+alone measured 0.75-0.77x), so a model whose dropout moved trains its attention with `newstune_sdpa`
+(`modeling/fp32_attention.py`): the fused kernel in fp32.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-FP32_TRAINING_SDPA = "newstune_sdpa"
-
-
-def sdpa_fp32_when_training_on_cpu(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                                   value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                                   **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention; in training on a CPU with bf16/fp16 inputs and no dropout, computed in fp32
-    (the fused kernel's fast path there) and returned in the inputs' dtype."""
-    if not (module.training and dropout == 0 and query.device.type == "cpu"
-            and query.dtype in (torch.bfloat16, torch.float16)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
-    dtype = query.dtype
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()  # a boolean mask stays boolean
-    with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs straight back to bf16
-        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                                 dropout=dropout, **kwargs)
-    return output.to(dtype), weights
-
-
-AttentionInterface.register(FP32_TRAINING_SDPA, sdpa_fp32_when_training_on_cpu)
-AttentionMaskInterface.register(FP32_TRAINING_SDPA, sdpa_mask)  # the same masks as transformers' SDPA
+from newstune.modeling.fp32_attention import use_fp32_training_attention
 
 
 def move_attention_dropout_to_context(model: torch.nn.Module) -> int:
@@ -70,13 +41,3 @@ def move_attention_dropout_to_context(model: torch.nn.Module) -> int:
     if changed:
         use_fp32_training_attention(model)
     return changed
-
-
-def use_fp32_training_attention(model: torch.nn.Module) -> bool:
-    """Switch a transformers model on SDPA (inside PEFT's or torch.compile's wrapper) to `newstune_sdpa`."""
-    task_model = getattr(model, "_orig_mod", model)
-    task_model = task_model.get_base_model() if hasattr(task_model, "get_base_model") else task_model
-    if getattr(task_model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    task_model.set_attn_implementation(FP32_TRAINING_SDPA)
-    return True

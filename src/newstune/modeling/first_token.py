@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from newstune.modeling.attention_dropout import FP32_TRAINING_SDPA
+from newstune.modeling.fp32_attention import FP32_TRAINING_SDPA
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""LayerNorm that returns the autocast dtype (bf16) on CPU.
+"""LayerNorm that returns the autocast dtype (bf16) while training on CPU (evaluation keeps the plain LayerNorm,
+as the saved model will).
 
 CPU autocast runs layer_norm in its input's dtype. In a model whose embeddings are fp32 (a full fine-tune) the
 embedding sum is fp32, so the embeddings' LayerNorm returns fp32, each residual add (bf16 sub-layer output + fp32
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 
 def _forward(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    if not self.training or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):  # evaluation as saved
         return torch.nn.LayerNorm.forward(self, x)
     weight, bias = self.weight, self.bias
     if x.dtype == torch.float32 and weight is not None and weight.dtype != torch.float32:  # frozen bf16 weights

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,21 +116,37 @@ def _text_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
-def _read_store(path: Path, labels: int) -> tuple[dict[bytes, int], torch.Tensor]:
-    """The store's rows by text digest, and its logits; empty for a missing, damaged or foreign file (recomputed,
-    never trusted)."""
-    empty = ({}, torch.empty(0, labels))
+def _read_store(path: Path, label_names: list[str], multi_label: bool) -> tuple[dict[bytes, int], torch.Tensor]:
+    """The store's rows by text digest, and its logits; empty for a missing, damaged or foreign file, or one
+    written for other labels (recomputed, never trusted)."""
+    empty = ({}, torch.empty(0, len(label_names)))
     if not path.is_file():
         return empty
     try:
         with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
             digests, logits = handle.get_tensor("digests"), handle.get_tensor("logits")
     except Exception:  # noqa: BLE001 - any unreadable store is simply recomputed
         return empty
-    if (digests.dtype != torch.uint8 or digests.ndim != 2 or digests.shape[1] != 16 or logits.dtype != torch.float32
-            or tuple(logits.shape) != (len(digests), labels) or not torch.isfinite(logits).all()):
+    if (meta.get("labels") != json.dumps(label_names) or meta.get("multi_label") != str(multi_label)
+            or digests.dtype != torch.uint8 or digests.ndim != 2 or digests.shape[1] != 16
+            or logits.dtype != torch.float32 or tuple(logits.shape) != (len(digests), len(label_names))
+            or not torch.isfinite(logits).all()):
         return empty
-    return {bytes(row): i for i, row in enumerate(digests.numpy())}, logits
+    rows = {bytes(row): i for i, row in enumerate(digests.numpy())}
+    return (rows, logits) if len(rows) == len(digests) else empty
+
+
+def _write_store(path: Path, rows: dict[bytes, int], logits: torch.Tensor, label_names: list[str],
+                 multi_label: bool) -> None:
+    """Atomically, through a file of this process's own: students training at once never write into one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(rows, key=rows.get)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+    save_file({"digests": torch.tensor([list(d) for d in ordered], dtype=torch.uint8).reshape(-1, 16),
+               "logits": logits[[rows[d] for d in ordered]].contiguous()}, str(partial),
+              metadata={"labels": json.dumps(label_names), "multi_label": str(multi_label)})
+    partial.replace(path)
 
 
 def teacher_logits(run_dir: Path, texts: list[str], label_names: list[str], multi_label: bool,
@@ -135,8 +154,9 @@ def teacher_logits(run_dir: Path, texts: list[str], label_names: list[str], mult
     """The teacher's fp32 logits for `texts` (its own tokenizer, max_length and precision), cached on disk per text:
     a later call computes only the texts the store does not hold yet (a longer unlabelled file, a new split)."""
     store = cache_dir() / "teacher" / _teacher_fingerprint(run_dir) / "logits.safetensors"
-    rows, known = _read_store(store, len(label_names))
+    rows, known = _read_store(store, label_names, multi_label)
     digests = [_text_digest(text) for text in texts]
+    cached = sum(d in rows for d in digests)
     missing = list(dict.fromkeys(d for d in digests if d not in rows))  # in order, each text once
     if missing:
         run = load_run(run_dir)  # validates the teacher's files like any run's
@@ -144,20 +164,20 @@ def teacher_logits(run_dir: Path, texts: list[str], label_names: list[str], mult
             raise NewstuneError(f"distill.teacher {run_dir} predicts labels {run.label_names} but the student's "
                                 f"data has {label_names}; a teacher must be trained on the same labels, in the same "
                                 "order")
-        first_text = dict(zip(digests, texts, strict=True))
-        new_texts = [first_text[d] for d in missing]
+        text_of = {d: t for d, t in zip(digests, texts, strict=True)}
+        new_texts = [text_of[d] for d in missing]
         ids = tokenize_texts(run.tokenizer, new_texts, run.config.data.max_length, cache_dir() / "tokens")
         new = torch.from_numpy(run.logits(new_texts, ids, batch_size, progress=True, desc="teacher")).float()
         rows |= {d: len(known) + i for i, d in enumerate(missing)}
         known = torch.cat([known, new])
-        store.parent.mkdir(parents=True, exist_ok=True)
-        partial = store.with_suffix(".partial")
-        ordered = sorted(rows, key=rows.get)
-        save_file({"digests": torch.tensor([list(d) for d in ordered], dtype=torch.uint8).reshape(-1, 16),
-                   "logits": known.contiguous()}, str(partial))
-        partial.replace(store)
-    log.info("teacher logits of %d texts: %d from the cache %s, %d computed", len(texts), len(texts) - len(missing),
-             store, len(missing))
+        # rows another student wrote meanwhile are kept (last writer wins only for rows both computed)
+        others, other_logits = _read_store(store, label_names, multi_label)
+        extra = [d for d in others if d not in rows]
+        rows |= {d: len(known) + i for i, d in enumerate(extra)}
+        known = torch.cat([known, other_logits[[others[d] for d in extra]]]) if extra else known
+        _write_store(store, rows, known, label_names, multi_label)
+    log.info("teacher logits of %d texts: %d from the cache %s, %d computed", len(texts), cached, store,
+             len(missing))
     return known[[rows[d] for d in digests]]
 
 
