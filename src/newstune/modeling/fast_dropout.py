@@ -22,10 +22,7 @@ class FastDropout(torch.nn.Module):
         n = x.numel()
         draws = torch.randint(-2**63, 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
         keep = draws.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
-        # x * scale (a Python float: computed in fp32 and rounded once, as torch's dropout does; a scale rounded to
-        # bf16 first shrank every kept value by 0.15%), then a select: no multiply promotes the boolean mask, which
-        # `x * keep * scale` did in both directions
-        return torch.where(keep, x * (1 / (1 - self.p)), torch.zeros((), dtype=x.dtype, device=x.device))
+        return x * keep * (1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
