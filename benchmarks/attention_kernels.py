@@ -17,6 +17,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ from common import cpu_line  # noqa: E402
 SHAPES = [(32, 32), (16, 64), (32, 64), (16, 128)]  # (batch, tokens)
 
 
-def paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor) -> dict:
+def paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+          grad: torch.Tensor) -> dict[str, Callable[[], None]]:
     def bf16_math_dropout() -> None:
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1).backward(grad)
 
@@ -52,7 +54,7 @@ def paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             "fp32_forward_with_casts": fp32_forward_with_casts}
 
 
-def time_ms(fn, repeats: int) -> float:
+def time_ms(fn: Callable[[], None], repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         fn()

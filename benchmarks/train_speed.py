@@ -275,13 +275,13 @@ def work_label(contender: str) -> str:
     if contender == "hf-seed":
         return "same model, padded to max_length"
     first_token = contender.startswith("newstune") and contender != "newstune-no-first-token"
-    label = "same result, fewer FLOPs" if first_token else "same FLOPs"
+    context = ADDITIONS.get(contender, {}).get("attention_dropout") == "context"
+    result = "another regulariser (attention dropout on the context)" if context else "same result"
+    label = f"{result}, fewer FLOPs" if first_token else "same FLOPs"
     if contender in ABLATIONS:
         label += "; ablation: " + ", ".join(f"{k}={v}" for k, v in ABLATIONS[contender].items())
     if contender in ADDITIONS:
         label += "; added: " + ", ".join(f"{k}={v}" for k, v in ADDITIONS[contender].items())
-        if ADDITIONS[contender].get("attention_dropout") == "context":
-            label = label.replace("same result", "another regulariser (attention dropout on the context)")
     return label
 
 

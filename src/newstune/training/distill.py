@@ -139,12 +139,13 @@ def _read_store(path: Path, label_names: list[str], multi_label: bool) -> tuple[
 
 def _write_store(path: Path, rows: dict[bytes, int], logits: torch.Tensor, label_names: list[str],
                  multi_label: bool) -> None:
-    """Atomically, through a file of this process's own: students training at once never write into one file."""
+    """Atomically, through a file of this process's own: students training at once never write into one file.
+    `rows` maps each digest to its row of `logits` (rows 0..n-1, as teacher_logits builds them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ordered = sorted(rows, key=rows.get)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
     save_file({"digests": torch.tensor([list(d) for d in ordered], dtype=torch.uint8).reshape(-1, 16),
-               "logits": logits[[rows[d] for d in ordered]].contiguous()}, str(partial),
+               "logits": logits.contiguous()}, str(partial),
               metadata={"labels": json.dumps(label_names), "multi_label": str(multi_label)})
     partial.replace(path)
 
