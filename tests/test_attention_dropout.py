@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, MPNetConfig
+from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
 
 from newstune.config import validate
 from newstune.modeling.attention_dropout import move_attention_dropout_to_context
@@ -14,7 +14,6 @@ from newstune.modeling.fp32_attention import (
     sdpa_fp32_when_training_on_cpu,
     use_fp32_training_attention,
 )
-from newstune.modeling.mpnet_sdpa import fused_training_attention
 from newstune.training.train import Trainer
 
 from .conftest import tiny_config
@@ -61,79 +60,14 @@ def test_fast_dropout_replaces_the_moved_dropout_too():
 
 
 def test_layers_of_another_layout_are_left_alone():
-    model = AutoModelForSequenceClassification.from_config(DistilBertConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=66, num_labels=3))
+    model = AutoModelForSequenceClassification.from_config(MPNetConfig(**SMALL, num_labels=3))
     assert move_attention_dropout_to_context(model) == 0
 
 
-def mpnet(**overrides) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(MPNetConfig(**{**SMALL, **overrides}, num_labels=3))
-
-
-def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    return ids, mask
-
-
-def test_mpnet_context_dropout_trains_fused_while_its_bias_is_frozen():
-    model = mpnet()
-    ids, mask = padded_batch()
-    model.eval()
-    with torch.no_grad():
-        before = model(input_ids=ids, attention_mask=mask).logits
-    assert move_attention_dropout_to_context(model) == 2  # fails if MPNet's layout is not recognised
-    assert model.mpnet.encoder.layer[0].attention.attn.dropout.p == 0.0
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before)  # evaluation: eager
-    model.train()
-    assert FUSED not in ops(model, ids)  # the relative position bias trains: the fused kernel has no mask gradient
-    model.mpnet.encoder.relative_attention_bias.requires_grad_(False)  # as under LoRA
-    assert FUSED in ops(model, ids)  # fails if the moved attention does not reach the fused kernel
-    torch.manual_seed(1)
-    first = model(input_ids=ids, attention_mask=mask).logits
-    torch.manual_seed(2)
-    assert not torch.allclose(first, model(input_ids=ids, attention_mask=mask).logits)  # the context dropout applies
-
-
-def test_mpnet_fused_attention_gives_the_eager_result_with_bias_and_padding():
-    # fp32, no dropout: the fused path is transformers' eager attention value for value; fails if the relative
-    # position bias or the padding mask is left out of the mask, or the scale is wrong
-    model = mpnet(attention_probs_dropout_prob=0.0)
-    model.mpnet.encoder.relative_attention_bias.requires_grad_(False)
-    with torch.no_grad():  # a bias far from its zero init, so that leaving it out shows
-        model.mpnet.encoder.relative_attention_bias.weight.normal_(0, 2.0)
-    ids, mask = padded_batch()
-    model.train()
-    reference = model(input_ids=ids, attention_mask=mask).logits
-    for layer in model.mpnet.encoder.layer:
-        fused_training_attention(layer.attention.attn)
-    assert FUSED in ops(model, ids)
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference, rtol=1e-5, atol=1e-5)
-
-
-def test_mpnet_fused_attention_runs_in_fp32_under_bf16_autocast():
-    model = mpnet()
-    model.mpnet.encoder.relative_attention_bias.requires_grad_(False)
-    move_attention_dropout_to_context(model)
-    ids, mask = padded_batch()
-    model.train()
-    with AttentionDtypes() as dtypes, torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    assert dtypes.seen == [torch.float32, torch.float32]  # fails if the attention stays in bf16 (or is not SDPA)
-    logits.float().sum().backward()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
-
-
-@pytest.mark.parametrize("arch", ["bert", "mpnet"])
 @pytest.mark.parametrize("where, moved", [("probabilities", False), ("context", True)])
-def test_train_attention_dropout_reaches_the_model(tiny_models, tiny_data, where, moved, arch):
+def test_train_attention_dropout_reaches_the_model(tiny_models, tiny_data, where, moved):
     # fails if the setting is ignored by the trainer (or applied when not asked for)
-    trainer = Trainer(validate(tiny_config(tiny_models[arch], tiny_data, **{"train.attention_dropout": where})),
+    trainer = Trainer(validate(tiny_config(tiny_models["bert"], tiny_data, **{"train.attention_dropout": where})),
                       None)
     trainer.setup()
     names = [name for name, _ in trainer.model.named_modules()]

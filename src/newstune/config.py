@@ -151,9 +151,8 @@ class TrainSettings(_Section):
     attention_dropout: Literal["probabilities", "context"] = Field(
         "probabilities", description="Where attention dropout applies: on the attention probabilities (as the "
         "model was pre-trained), or 'context': on the attention output before its projection, with the attention "
-        "trained in CPU SDPA's fused kernel in fp32 (BERT-style layers, and MPNet's while its relative position bias "
-        "is frozen, as under LoRA; a different regulariser: on the AG News main recipe, which sets it, 1.21x faster "
-        "at validation accuracy equal within one spread; docs/performance.md).")
+        "trained in CPU SDPA's fused kernel in fp32 (BERT-style layers; a different regulariser: on the AG News main "
+        "recipe, which sets it, 1.21x faster at validation accuracy equal within one spread; docs/performance.md).")
     bf16_norm_output: bool = Field(False, description="CPU autocast: LayerNorm returns bf16 (fp32 statistics), "
                                    "so a full fine-tune's residual stream is held in bf16 instead of fp32 and the "
                                    "linear layers reading it stop casting it each (measured 1.03x; off).")
