@@ -28,21 +28,6 @@ def empty_token_cache(folder: Path) -> None:
     os.environ["NEWSTUNE_CACHE"] = str(folder)
 
 
-def load_classifier_for_expert(model_path: str, num_labels: int):
-    """The Hugging Face model as an expert loads it: SDPA attention where the architecture has it (BERT, RoBERTa),
-    transformers' eager attention where it has nothing else (MPNet refuses attn_implementation="sdpa")."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels,
-                                                                  attn_implementation="sdpa")
-    except ValueError as err:
-        if "scaled_dot_product_attention" not in str(err):
-            raise
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels,
-                                                                  attn_implementation="eager")
-
-
 def machine() -> dict:
     import peft
     import transformers

@@ -41,16 +41,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    ROOT,
-    SHARED_DATA,
-    cpu_line,
-    empty_token_cache,
-    load_classifier_for_expert,
-    machine,
-    markdown_table,
-    write_results,
-)
+from common import ROOT, SHARED_DATA, cpu_line, empty_token_cache, machine, markdown_table, write_results  # noqa: E402
 
 from newstune.training.train import peak_rss_mb, resolve_precision  # noqa: E402
 
@@ -106,6 +97,7 @@ def run_hf(config: dict, evals_per_epoch: int, out: Path, precision: str) -> lis
     from peft import LoraConfig, get_peft_model
     from sklearn.metrics import f1_score
     from transformers import (
+        AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
@@ -125,7 +117,9 @@ def run_hf(config: dict, evals_per_epoch: int, out: Path, precision: str) -> lis
     model_path = resolve_model_path(settings.model.name)
     set_seed(train_cfg.seed)  # before the head and the LoRA matrices are created, as newstune does
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = load_classifier_for_expert(model_path, len(bundle.label_names))
+    # transformers' default attention, as newstune's `model.attn_implementation: auto`: SDPA where the architecture
+    # has it (BERT, RoBERTa), eager where it has nothing else (MPNet refuses attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names))
     if lora.method != "full":
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha,
                                                  lora_dropout=lora.dropout,

@@ -47,7 +47,6 @@ from common import (  # noqa: E402
     SHARED_DATA,
     cpu_line,
     empty_token_cache,
-    load_classifier_for_expert,
     machine,
     markdown_table,
     onednn_isa,
@@ -94,6 +93,7 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
     from peft import LoraConfig, get_peft_model
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import (
+        AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
@@ -107,7 +107,9 @@ def run_hf(expert: bool, model_path: str, bundle, out: Path, seed: int, precisio
     start = time.perf_counter()
     set_seed(seed)  # before the head and the LoRA matrices are created, as newstune does
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = load_classifier_for_expert(model_path, len(bundle.label_names))
+    # transformers' default attention, as newstune's `model.attn_implementation: auto`: SDPA where the architecture
+    # has it (BERT, RoBERTa), eager where it has nothing else (MPNet refuses attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(bundle.label_names))
     targets = target_modules(model, LoraSettings(target_modules="qv"))
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=LORA["r"], lora_alpha=LORA["alpha"],
                                              lora_dropout=LORA["dropout"], target_modules=targets))
