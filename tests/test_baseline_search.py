@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -124,6 +125,19 @@ def test_search_stops_at_its_budget(tmp_path, tiny_models, tiny_data):
                      evals_per_epoch=1, pruner="none")
     assert len(summary["trials"]) == 1
     assert summary["cost_single_runs"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_search_reports_each_pruner_rung_once(tmp_path, tiny_models, tiny_data):
+    """Fails if the end-of-epoch evaluation that follows a periodic one is reported on the same rung again (30
+    steps an epoch, 4 evaluations asked: every 7 steps, then the epoch's end at step 30), which optuna ignores
+    with a warning per epoch."""
+    recipe = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = search(recipe, [], ["train.lr=log:1e-4:3e-3"], tmp_path / "search", trials=1, budget_runs=5,
+                         evals_per_epoch=4, pruner="hyperband")
+    assert not [w for w in caught if "already reported" in str(w.message)]
+    assert len(summary["trials"][0]["curve"]) == 10  # the curve keeps every evaluation: 5 an epoch
 
 
 def test_holdout_slice_is_fixed_and_kept_out(tiny_data):

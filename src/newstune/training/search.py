@@ -148,7 +148,10 @@ def search(recipe: Path, overrides: list[str], space_items: list[str], out_dir: 
 
         def on_evaluate(epochs: float, score: float) -> None:
             curve.append((round(epochs, 3), score))
-            trial.report(score, round(epochs * evals_per_epoch))
+            rung = round(epochs * evals_per_epoch)
+            if curve[:-1] and round(curve[-2][0] * evals_per_epoch) == rung:
+                return  # the end-of-epoch evaluation right after a periodic one: its rung is reported already
+            trial.report(score, rung)
             if trial.should_prune():
                 record["state"] = "pruned"
                 raise optuna.TrialPruned(f"pruned at {epochs:.2f} epochs ({metric} {score:.4f})")
