@@ -15,7 +15,7 @@ from newstune.data.speaker_record import credit_text, record_numbers, record_num
 from newstune.data.splits import TextSplit
 from newstune.decisions.baseline import fit_baseline
 from newstune.errors import NewstuneError
-from newstune.training.search import parse_space, search
+from newstune.training.search import parse_space, search, smoothed_value, window_means
 from newstune.training.train import layer_depth
 from tests.conftest import synthetic_rows
 
@@ -127,6 +127,20 @@ def test_search_stops_at_its_budget(tmp_path, tiny_models, tiny_data):
     assert summary["cost_single_runs"] == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.parametrize("budget", [1.5, 1.4])
+def test_search_stops_the_running_trial_at_its_budget(tmp_path, tiny_models, tiny_data, budget):
+    """Fails if the trial running when the budget is spent trains on to its end (the 2026-12-07 HuffPost search
+    cost 3.81 runs at --budget-runs 3), if a trial starts after it, if the cost passes the budget by more than
+    one evaluation interval (here a quarter of a run), or if the cut-short trial is ranked."""
+    recipe = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    summary = search(recipe, [], ["train.lr=log:1e-4:3e-3"], tmp_path / "search", trials=5, budget_runs=budget,
+                     evals_per_epoch=2, pruner="none")
+    assert [t["state"] for t in summary["trials"]] == ["complete", "budget"]
+    assert budget <= summary["cost_single_runs"] <= budget + 0.25
+    assert summary["trials"][1]["epochs_trained"] == pytest.approx(1.0, abs=0.02)  # 2 epochs asked, 1 in budget
+    assert "value" not in summary["trials"][1] and summary["best"]["trial"] == 0
+
+
 def test_search_reports_each_pruner_rung_once(tmp_path, tiny_models, tiny_data):
     """Fails if the end-of-epoch evaluation that follows a periodic one is reported on the same rung again (30
     steps an epoch, 4 evaluations asked: every 7 steps, then the epoch's end at step 30), which optuna ignores
@@ -138,6 +152,58 @@ def test_search_reports_each_pruner_rung_once(tmp_path, tiny_models, tiny_data):
                          evals_per_epoch=4, pruner="hyperband")
     assert not [w for w in caught if "already reported" in str(w.message)]
     assert len(summary["trials"][0]["curve"]) == 10  # the curve keeps every evaluation: 5 an epoch
+
+
+def test_smoothed_value_ranks_a_steady_curve_above_one_spike():
+    """Fails if the window is ignored (the spike's 0.577 wins, as in the HuffPost search), if it averages the wrong
+    points, or if a curve shorter than the window is not averaged whole."""
+    spike = [0.50, 0.52, 0.577, 0.53, 0.53]  # trial 0 of the 2026-12-07 HuffPost search, in shape
+    steady = [0.50, 0.55, 0.56, 0.57, 0.56]
+    assert max(spike) > max(steady)
+    assert smoothed_value(spike, 3) == pytest.approx((0.577 + 0.53 + 0.53) / 3)
+    assert smoothed_value(steady, 3) == pytest.approx((0.56 + 0.57 + 0.56) / 3)
+    assert smoothed_value(steady, 3) > smoothed_value(spike, 3)
+    assert smoothed_value(spike, 1) == 0.577
+    assert smoothed_value([0.4, 0.6], 3) == pytest.approx(0.5)
+    assert window_means([0.2, 0.4, 0.6, 0.8], 2) == pytest.approx([0.2, 0.3, 0.5, 0.7])
+
+
+def test_search_smooth_ranks_and_prunes_by_the_window(tmp_path, tiny_models, tiny_data, monkeypatch):
+    """Fails if --smooth does not reach the value a trial is ranked by, or the value the pruner reads. The trial's
+    validation curve is scripted (a tiny model's is flat, where every window gives the same number)."""
+    import optuna
+
+    from newstune.training import train as training
+
+    curve = [0.5, 0.7, 0.55, 0.6]  # best single 0.7; best mean of two 0.625
+
+    def scripted_train(config, run_dir, bundle=None, on_evaluate=None):
+        for i, score in enumerate(curve):
+            on_evaluate((i + 1) / 2, score)
+        return run_dir, {"validation": {"macro_f1": max(curve), "accuracy": max(curve)}}
+
+    reported = []
+    original = optuna.Trial.report
+    monkeypatch.setattr(optuna.Trial, "report", lambda self, value, step: (reported.append(value),
+                                                                           original(self, value, step))[1])
+    monkeypatch.setattr(training, "train", scripted_train)
+    recipe = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    summary = search(recipe, [], ["train.lr=log:1e-4:3e-3"], tmp_path / "search", trials=1, budget_runs=5,
+                     evals_per_epoch=2, pruner="none", smooth=2)
+    trial = summary["trials"][0]
+    assert trial["value"] == pytest.approx(0.625)
+    assert trial["best_single"] == pytest.approx(0.7)
+    assert reported == pytest.approx([0.5, 0.6, 0.625, 0.575])
+    assert "mean of 2 consecutive evaluations" in (tmp_path / "search" / "best.yaml").read_text()
+
+
+def test_search_smooth_refuses_bad_windows(tmp_path, tiny_models, tiny_data):
+    recipe = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    with pytest.raises(NewstuneError, match="--smooth 0"):
+        search(recipe, [], ["train.lr=log:1e-4:3e-3"], tmp_path / "a", smooth=0)
+    with pytest.raises(NewstuneError, match="train.metric"):
+        search(recipe, ["train.metric=loss"], ["train.lr=log:1e-4:3e-3"], tmp_path / "b", smooth=3)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_holdout_slice_is_fixed_and_kept_out(tiny_data):

@@ -197,6 +197,9 @@ def search(
     evals_per_epoch: Annotated[int, typer.Option(help="Validation evaluations per epoch (the pruner's rungs).")] = 4,
     pruner: Annotated[str, typer.Option(help="hyperband, halving (successive halving) or none.")] = "hyperband",
     timeout_minutes: Annotated[float | None, typer.Option(help="Start no trial after this many minutes.")] = None,
+    smooth: Annotated[int, typer.Option(help="Rank trials by their best mean of this many consecutive "
+                                        "evaluations (robust to one lucky evaluation on a small validation "
+                                        "split); 1: the best single evaluation.")] = 1,
 ) -> None:
     """Budgeted search on the full training set, choosing on validation only; writes best.yaml, a recipe."""
     from newstune.training.search import search as run_search
@@ -204,7 +207,8 @@ def search(
 
     extra = [f"data.dir={data_dir}"] if data_dir else []
     summary = run_search(config, [*(overrides or []), *extra], space, output_dir, trials, budget_runs,
-                         evals_per_epoch, pruner, timeout_s=timeout_minutes * 60 if timeout_minutes else None)
+                         evals_per_epoch, pruner, timeout_s=timeout_minutes * 60 if timeout_minutes else None,
+                         smooth=smooth)
     Console().print(search_table(summary))
     Console().print(f"best: trial {summary['best']['trial']} {json.dumps(summary['best']['params'])} "
                     f"{summary['metric']} {summary['best']['value']:.4f} | cost {summary['cost_single_runs']} "
