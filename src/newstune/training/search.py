@@ -96,16 +96,15 @@ def steps_per_epoch(n_rows: int, batch_size: int) -> int:
 
 def window_means(scores: list[float], window: int) -> list[float]:
     """The mean of each evaluation and the `window - 1` before it (fewer at the start of the curve)."""
-    return [sum(scores[max(0, i + 1 - window):i + 1]) / len(scores[max(0, i + 1 - window):i + 1])
-            for i in range(len(scores))]
+    windows = (scores[max(0, i + 1 - window):i + 1] for i in range(len(scores)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def smoothed_value(scores: list[float], window: int) -> float:
     """A trial's value: its best mean of `window` consecutive evaluations (its best evaluation when window is 1,
     or the mean of all when the curve is shorter than the window)."""
-    if window <= 1 or len(scores) < window:
-        return max(scores) if window <= 1 else sum(scores) / len(scores)
-    return max(window_means(scores, window)[window - 1:])
+    means = window_means(scores, window)
+    return max(means[window - 1:] or means[-1:])
 
 
 def make_pruner(name: str, max_resource: int):
