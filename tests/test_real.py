@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from newstune.config import load_config
-from newstune.training.train import cpu_has_native_bf16
+from newstune.modeling.infer import cpu_has_native_bf16
 
 from .conftest import SHARED_DATA, needs_shared_data, tiny_config
 

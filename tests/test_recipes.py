@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from newstune.config import load_config
-from newstune.training.train import cpu_has_native_bf16, train
+from newstune.modeling.infer import cpu_has_native_bf16
+from newstune.training.train import train
 
 from .conftest import SHARED_DATA, needs_shared_data
 

@@ -104,6 +104,32 @@ def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
     assert evaluated["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_run_is_computed_in_fp32_where_bf16_is_not_native(tiny_models, tiny_data, tmp_path, monkeypatch,
+                                                                   native):
+    # A run trained on a bf16 CPU and shared to an AVX2-only one: bf16 GEMMs are emulated there (~500x slower).
+    # Fails if load_run keeps bf16 there, or computes fp32 with other weights than the bf16-rounded frozen ones.
+    run_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.precision": "bf16"})
+    monkeypatch.setattr("newstune.modeling.infer.cpu_has_native_bf16", lambda: native)
+    loaded = load_run(run_dir)
+    dtypes = {p.dtype for p in loaded.model.parameters()}
+    if native:
+        assert (loaded.precision, loaded.backend_reason) == ("bf16", "PyTorch")
+        assert torch.bfloat16 in dtypes  # weights held in bf16, as evaluated after training
+        return
+    assert loaded.precision == "fp32" and "no native bf16" in loaded.backend_reason
+    assert dtypes == {torch.float32}
+    frozen = loaded.model.base_model.model.bert.encoder.layer[0].intermediate.dense.weight
+    assert torch.equal(frozen, frozen.to(torch.bfloat16).float())  # the rounded values it was evaluated with
+    ids = loaded.tokenizer(["goal match team today", "stock market profit"])["input_ids"]
+    monkeypatch.setattr("newstune.modeling.infer.cpu_has_native_bf16", lambda: True)
+    as_bf16 = load_run(run_dir)
+    torch.testing.assert_close(
+        predict_logits(loaded.model, ids, loaded.tokenizer.pad_token_id, precision=loaded.precision),
+        predict_logits(as_bf16.model, ids, as_bf16.tokenizer.pad_token_id, precision=as_bf16.precision),
+        atol=5e-2, rtol=0)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_adamw_is_fused_unless_switched_off(tiny_models, tiny_data, fused):
     # fails if train.fused_adamw stops reaching the optimizer (the pinned losses pass either way, rtol 1e-3)

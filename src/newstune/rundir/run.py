@@ -17,6 +17,7 @@ from newstune.decisions.rule import Decision
 from newstune.errors import NewstuneError
 from newstune.modeling.backends import Scorer, choose_export, export_scorer, torch_scorer
 from newstune.modeling.first_token import run_last_layer_on_first_token
+from newstune.modeling.infer import bf16_is_native
 from newstune.modeling.model import hold_frozen_in, load_saved_model, load_tokenizer
 from newstune.rundir.files import check_export, check_labels, check_metrics
 
@@ -225,7 +226,10 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     labels = read_labels(run_dir)
     metrics = read_metrics(run_dir)
     precision = metrics.get("efficiency", {}).get("precision", "fp32")
-    if not as_trained:
+    emulated = as_trained and precision == "bf16" and not bf16_is_native(device)
+    if not as_trained or emulated:
+        # a run shared from a CPU with native bf16 onto one without (an AVX2-only CPU emulates bf16 GEMMs ~500x more
+        # slowly): its weights, frozen ones still rounded to bf16 as trained, computed in fp32
         precision = "fp32"
     decision = read_decision(run_dir, metrics)
     tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))
@@ -233,7 +237,7 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     model, scorer = None, None
     if chosen is None:
         model = _torch_model(run_dir, config, labels, decision, device, as_trained,
-                             metrics.get("efficiency", {}).get("frozen_weights_dtype"))
+                             metrics.get("efficiency", {}).get("frozen_weights_dtype"), precision)
         scorer = torch_scorer(model, tokenizer.pad_token_id, precision)
     else:
         scorer = _export_scorer(run_dir, chosen, tokenizer, len(labels))
@@ -246,11 +250,13 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
                               f"{chosen['validation']['macro_f1_delta_points']:+.2f} points")
     elif backend == "auto":
         run.backend_reason = "no passed export is faster than PyTorch (newstune export RUN --backend ...)"
+    if chosen is None and emulated:
+        run.backend_reason += "; trained in bf16, computed in fp32: this CPU has no native bf16"
     return run
 
 
 def _torch_model(run_dir: Path, config: RunConfig, labels: list[str], decision: Decision, device: str,
-                 as_trained: bool, frozen_dtype: str | None) -> torch.nn.Module:
+                 as_trained: bool, frozen_dtype: str | None, precision: str) -> torch.nn.Module:
     try:
         model = load_saved_model(run_dir / MODEL_DIR, config.model.name, labels, config.model.attn_implementation,
                                  decision.multi_label)
@@ -263,6 +269,8 @@ def _torch_model(run_dir: Path, config: RunConfig, labels: list[str], decision: 
                             f"{model.config.num_labels} outputs; the file was changed: restore it from its author")
     if as_trained and frozen_dtype == "bf16":
         hold_frozen_in(model, torch.bfloat16)
+        if precision == "fp32":
+            model.float()  # the values trained and scored with, in the dtype this CPU computes natively
     model.to(device).eval()
     if as_trained and config.train.first_token_last_layer:
         # inference reads token 0 of the last layer too: the same logits (checked on a batch first) for less work;

@@ -45,7 +45,7 @@ from newstune.modeling.attention_dropout import move_attention_dropout_to_contex
 from newstune.modeling.fast_dropout import use_fast_dropout
 from newstune.modeling.first_token import restore_full_last_layer, run_last_layer_on_first_token
 from newstune.modeling.frozen_prefix import FrozenPrefix
-from newstune.modeling.infer import predict_logits
+from newstune.modeling.infer import cpu_has_native_bf16, predict_logits
 from newstune.modeling.low_precision_norm import use_low_precision_norm_output
 from newstune.modeling.model import (
     build_model,
@@ -83,14 +83,6 @@ BEST_WEIGHTS = "checkpoints/best_trainable.safetensors"
 
 
 # ---------------------------------------------------------------- precision and threads
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(requested: str, device: str) -> str:
