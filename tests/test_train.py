@@ -107,7 +107,7 @@ def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_a_bf16_run_is_computed_in_fp32_where_bf16_is_not_native(tiny_models, tiny_data, tmp_path, monkeypatch,
                                                                    native):
-    # A run trained on a bf16 CPU and shared to an AVX2-only one: bf16 GEMMs are emulated there (~500x slower).
+    # A run trained on a bf16 CPU and shared to an AVX2-only one: bf16 is emulated there (MiniLM's forward 6.5x slower).
     # Fails if load_run keeps bf16 there, or computes fp32 with other weights than the bf16-rounded frozen ones.
     run_dir, _ = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.precision": "bf16"})
     monkeypatch.setattr("newstune.modeling.infer.cpu_has_native_bf16", lambda: native)

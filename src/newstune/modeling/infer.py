@@ -15,7 +15,7 @@ from newstune.data.batching import Collator, pad_multiple, sorted_batches
 
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: where bf16 GEMMs run natively. Elsewhere torch emulates them (on an AVX2-only AMD Zen 3 a
-    2048x2048 bf16 matmul ran ~500x slower than in fp32)."""
+    2048x2048 bf16 matmul ran ~500x slower than in fp32, MiniLM's forward on 32 texts 6.5x)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -228,8 +228,8 @@ def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backen
     precision = metrics.get("efficiency", {}).get("precision", "fp32")
     emulated = as_trained and precision == "bf16" and not bf16_is_native(device)
     if not as_trained or emulated:
-        # a run shared from a CPU with native bf16 onto one without (an AVX2-only CPU emulates bf16 GEMMs ~500x more
-        # slowly): its weights, frozen ones still rounded to bf16 as trained, computed in fp32
+        # a run shared from a CPU with native bf16 onto one without (on an AVX2-only Zen 3 MiniLM's forward ran 6.5x
+        # slower under bf16 autocast): its weights, frozen ones still rounded to bf16 as trained, computed in fp32
         precision = "fp32"
     decision = read_decision(run_dir, metrics)
     tokenizer = load_tokenizer(str(run_dir / MODEL_DIR))
