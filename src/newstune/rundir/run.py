@@ -213,7 +213,8 @@ def one_line(err: BaseException) -> str:
 
 def load_run(run_dir: Path, device: str = "cpu", as_trained: bool = True, backend: str = "torch") -> LoadedRun:
     """The run's best model; as_trained keeps the dtype layout it was evaluated in and, where the run trained with
-    train.first_token_last_layer, computes its last layer for token 0 only (else the plain fp32 model).
+    train.first_token_last_layer, computes its last layer for token 0 only (else the plain fp32 model). A bf16 run
+    on a device without native bf16 is computed in fp32, with the same (bf16-rounded) weights.
 
     `backend` (auto, torch, onnx, openvino) picks what computes its logits: a passed export of the run, or PyTorch.
     When an export computes them, the PyTorch model is not loaded at all (`model` is None): less memory and start-up.
