@@ -92,8 +92,10 @@ def test_other_architectures_train(tiny_models, tiny_data, tmp_path, arch):
     assert metrics["test"]["accuracy"] > 0.8
 
 
-def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path):
+def test_reloaded_run_gives_the_same_logits(tiny_models, tiny_data, tmp_path, monkeypatch):
     run_dir, metrics = run_tiny(tiny_models, tiny_data, tmp_path, **{"train.precision": "bf16"})
+    # reloaded in bf16 as it was evaluated, also on a CPU that only emulates bf16 (there load_run would pick fp32)
+    monkeypatch.setattr("newstune.modeling.infer.cpu_has_native_bf16", lambda: True)
     loaded = load_run(run_dir)
     ids = loaded.tokenizer(["goal match team today", "stock market profit"])["input_ids"]
     first = predict_logits(loaded.model, ids, loaded.tokenizer.pad_token_id, precision=loaded.precision)
@@ -179,6 +181,8 @@ def test_best_epoch_weights_are_restored(tiny_models, tiny_data, tmp_path):
     assert best["epoch"] == metrics["best_epoch"] != evals[-1]["epoch"], "precondition: best epoch is not the last"
     assert metrics["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
     assert metrics["validation"]["loss"] < evals[-1]["loss"] - 1e-4
+    # and the saved model is the best epoch's (fails if the last epoch's weights were saved after the restore)
+    assert evaluate_run(run_dir, "validation", [])[0]["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-4)
 
 
 def test_early_stopping_stops_after_patience(tiny_models, tiny_data, tmp_path):
